@@ -1,0 +1,52 @@
+"""The ``ciml`` command: a thin layer over the Python API, one module per subcommand.
+
+Each subcommand module exposes ``register(subparsers)``; it adds its parser and sets ``func`` to a
+callable taking the parsed arguments and returning an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ciml import __version__
+from ciml.errors import CimlError
+
+# Subcommand modules under ciml.cli, in the order `ciml --help` lists them.
+SUBCOMMANDS = ("demo", "tasks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ciml",
+        description=(
+            "CIML: multimodal segmentation with one segmentor per modality exchanging gated, "
+            "information-bottlenecked messages. Run `ciml COMMAND --help` for each command."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"ciml {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"ciml.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except CimlError as exc:
+        print(f"ciml {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"ciml {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: dataset layouts and readers, integrity checks, preprocessing, synthetic data and phantoms."""

@@ -1,0 +1,5 @@
+"""Task specs (modalities, regions, decomposition, assembly) loaded from YAML presets or user files."""
+
+from ciml.tasks.spec import AssemblyStep, TaskSpec, TaskSpecError, assemble_labels, load_task, preset_names
+
+__all__ = ["AssemblyStep", "TaskSpec", "TaskSpecError", "assemble_labels", "load_task", "preset_names"]
