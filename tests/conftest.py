@@ -1,5 +1,5 @@
-"""Shared test settings: small thread count so the suite behaves on 2-core machines."""
+"""Shared test settings: one torch thread so the suite behaves on busy 2-core machines."""
 
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny tensors gain nothing from more; avoids oversubscription

@@ -14,7 +14,7 @@ from ciml import __version__
 from ciml.errors import CimlError
 
 # Subcommand modules under ciml.cli, in the order `ciml --help` lists them.
-SUBCOMMANDS = ("demo", "tasks")
+SUBCOMMANDS = ("check_data", "demo", "evaluate", "phantom", "tasks")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -118,7 +118,9 @@ def _parse(data: Mapping[str, Any], source: str) -> TaskSpec:
             raise _fail(source, key, "missing required key")
     unknown = set(data) - set(_REQUIRED_KEYS) - set(_OPTIONAL_KEYS)
     if unknown:
-        raise _fail(source, sorted(unknown)[0], f"unknown key (allowed: {', '.join(_REQUIRED_KEYS + _OPTIONAL_KEYS)})")
+        raise _fail(
+            source, sorted(unknown)[0], f"unknown key (allowed: {', '.join(_REQUIRED_KEYS + _OPTIONAL_KEYS)})"
+        )
 
     modalities = _parse_modalities(data["modalities"], source)
     regions = _parse_regions(data["regions"], source)
@@ -138,7 +140,9 @@ def _parse_modalities(raw: Any, source: str) -> dict[str, str]:
     out = {}
     for name, kind in raw.items():
         if kind not in MODALITY_TYPES:
-            raise _fail(source, f"modalities.{name}", f"type {kind!r} is not one of {', '.join(MODALITY_TYPES)}")
+            raise _fail(
+                source, f"modalities.{name}", f"type {kind!r} is not one of {', '.join(MODALITY_TYPES)}"
+            )
         out[str(name)] = str(kind)
     return out
 
@@ -190,7 +194,9 @@ def _parse_decomposition(
         out.setdefault(modality, ())
     for region in regions:
         if not any(region in owned for owned in out.values()):
-            raise _fail(source, f"regions.{region}", "no segmentor owns this region (add it to the decomposition)")
+            raise _fail(
+                source, f"regions.{region}", "no segmentor owns this region (add it to the decomposition)"
+            )
     return {m: out[m] for m in modalities}
 
 
@@ -247,7 +253,8 @@ def _check_assembly_round_trip(spec: TaskSpec, source: str) -> None:
             raise _fail(
                 source,
                 "assembly",
-                f"label {value} is painted as {assembled[i]}, which belongs to other regions; reorder the steps",
+                f"label {value} is painted as {assembled[i]}, which belongs to other regions; "
+                "reorder the steps",
             )
 
 
@@ -265,7 +272,10 @@ def assemble_labels(spec: TaskSpec, region_masks: np.ndarray) -> np.ndarray:
     """
     region_masks = np.asarray(region_masks).astype(bool)
     if region_masks.shape[0] != len(spec.regions):
-        raise ValueError(f"expected {len(spec.regions)} region masks ({', '.join(spec.regions)}), got {region_masks.shape[0]}")
+        raise ValueError(
+            f"expected {len(spec.regions)} region masks ({', '.join(spec.regions)}), "
+            f"got {region_masks.shape[0]}"
+        )
     index = {name: i for i, name in enumerate(spec.regions)}
     dtype = np.uint8 if max(spec.label_values) < 256 else np.uint16
     labels = np.zeros(region_masks.shape[1:], dtype=dtype)

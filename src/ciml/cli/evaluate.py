@@ -1,0 +1,68 @@
+"""`ciml evaluate`: score predicted label maps against references with a challenge's conventions."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ciml.evaluation.evaluate import CONVENTION_FOR_TASK, CONVENTIONS, check_outputs, evaluate_folders
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    task_defaults = ", ".join(f"{task} -> {conv}" for task, conv in CONVENTION_FOR_TASK.items())
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="score predictions against references (BraTS, autoPET, HECKTOR conventions)",
+        description=(
+            "Score a folder of predicted label maps against reference labels, print a summary table, and "
+            "write per-case metrics and their summary. BraTS: Dice, HD95 (mm), sensitivity, specificity per "
+            "region, with Dice 1 / HD95 0 when both masks are empty and Dice 0 / HD95 373.13 when one is. "
+            "autoPET: Dice, false-positive and false-negative volume (ml). HECKTOR 2022: Dice aggregated "
+            "over all cases per class, and its mean."
+        ),
+    )
+    parser.add_argument(
+        "--task", required=True, help="task preset name (e.g. brats2020) or task spec YAML file"
+    )
+    parser.add_argument(
+        "--pred",
+        required=True,
+        type=Path,
+        help="folder of predictions: one <case_id>.nii.gz (or .nii) label map per case, in dataset labels",
+    )
+    parser.add_argument(
+        "--ref",
+        required=True,
+        type=Path,
+        help=(
+            "reference labels: a folder of <case_id>.nii.gz files, an nnU-Net dataset (its labelsTr folder "
+            "is used), or BraTS case folders <case_id>/<case_id>_seg.nii.gz; spacing comes from these headers"
+        ),
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="JSON file for the summary and per-case metrics (must not exist)",
+    )
+    parser.add_argument("--csv", type=Path, default=None, help="also write one CSV row per case and region")
+    parser.add_argument(
+        "--convention",
+        choices=sorted(CONVENTIONS),
+        default=None,
+        help=f"challenge conventions; default from the task name ({task_defaults}; any other task: brats)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace existing output files (default: refuse)"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    outputs = [args.out] + ([args.csv] if args.csv else [])
+    check_outputs(outputs, args.overwrite)  # fail before the (long) evaluation, not after it
+    result = evaluate_folders(args.pred, args.ref, args.task, convention=args.convention, progress=True)
+    print(result.table())
+    result.write(args.out, args.csv, overwrite=args.overwrite)
+    print(f"wrote {', '.join(map(str, outputs))}")
+    return 0

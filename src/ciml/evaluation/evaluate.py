@@ -1,0 +1,417 @@
+"""Score a folder of predicted label maps against reference labels with a challenge's conventions.
+
+Predictions are one label NIfTI per case, ``<case_id>.nii.gz`` (or ``.nii``), in the dataset's own label
+values. References may be laid out the same way, as an nnU-Net dataset (``labelsTr/<case_id>.nii.gz``)
+or as BraTS case folders (``<case_id>/<case_id>_seg.nii.gz``). Spacing comes from the reference header.
+
+Example:
+    >>> result = evaluate_folders("preds/", "BraTS2020_TrainingData/", "brats2020")  # doctest: +SKIP
+    >>> print(result.table())  # doctest: +SKIP
+    >>> result.write("metrics.json", "metrics.csv")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
+
+from ciml.errors import CimlError
+from ciml.evaluation.metrics import (
+    AUTOPET_METRICS,
+    BRATS_METRICS,
+    AggregatedDice,
+    autopet_case_metrics,
+    brats_region_metrics,
+    overlap_counts,
+    per_region,
+)
+from ciml.tasks import TaskSpec, load_task
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+AFFINE_TOLERANCE = 1e-3  # mm; headers store affines in float32
+
+
+class EvaluationError(CimlError):
+    """Predictions and references cannot be compared; the message names the files and the mismatch."""
+
+
+@dataclass(frozen=True)
+class Convention:
+    """How one challenge scores a region of a case and what its summary reports.
+
+    Attributes:
+        name: brats, autopet or hecktor.
+        region_metrics: ``(pred_mask, ref_mask, spacing) -> {metric: value}`` for one region of one case.
+        summarized: per-case metrics given mean, median and std in the summary.
+        aggregated_dice: also report HECKTOR's Dice aggregated over the whole set.
+    """
+
+    name: str
+    region_metrics: Callable[[np.ndarray, np.ndarray, Sequence[float] | None], dict[str, float]]
+    summarized: tuple[str, ...]
+    aggregated_dice: bool = False
+
+
+CONVENTIONS: dict[str, Convention] = {
+    "brats": Convention("brats", brats_region_metrics, BRATS_METRICS),
+    "autopet": Convention("autopet", autopet_case_metrics, AUTOPET_METRICS),
+    "hecktor": Convention("hecktor", lambda pred, ref, spacing: overlap_counts(pred, ref), ("dice",), True),
+}
+
+#: Task spec name -> convention; any other task is scored brats-style per region.
+CONVENTION_FOR_TASK = {"brats2020": "brats", "autopet": "autopet", "hecktor2022": "hecktor"}
+DEFAULT_CONVENTION = "brats"
+
+
+def resolve_convention(spec: TaskSpec, convention: str | None = None) -> Convention:
+    """The named convention, or the one the task's spec name implies."""
+    name = convention or CONVENTION_FOR_TASK.get(spec.name, DEFAULT_CONVENTION)
+    if name not in CONVENTIONS:
+        raise EvaluationError(f"convention {name!r} is not one of {', '.join(CONVENTIONS)}")
+    return CONVENTIONS[name]
+
+
+# --------------------------------------------------------------------------------------- finding files
+
+
+def _case_id(path: Path) -> str | None:
+    return next((path.name[: -len(s)] for s in NIFTI_SUFFIXES if path.name.endswith(s)), None)
+
+
+def nifti_files(folder: str | Path) -> dict[str, Path]:
+    """Case id -> file for every ``<case_id>.nii.gz`` / ``<case_id>.nii`` directly in ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EvaluationError(f"{folder}: not a folder")
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        case_id = _case_id(path)
+        if case_id is None or not path.is_file():
+            continue
+        if case_id in found:
+            raise EvaluationError(
+                f"{folder}: case {case_id!r} has two files: {found[case_id].name} and {path.name}"
+            )
+        found[case_id] = path
+    return found
+
+
+def _brats_seg(case_dir: Path) -> Path | None:
+    """``<case>/<case>_seg.nii(.gz)``, or the lone ``*_Segm.nii`` of the Kaggle copy's case 355."""
+    for suffix in NIFTI_SUFFIXES:
+        path = case_dir / f"{case_dir.name}_seg{suffix}"
+        if path.is_file():
+            return path
+    aliases = [p for p in case_dir.iterdir() if p.name.endswith(("_Segm.nii", "_Segm.nii.gz"))]
+    return aliases[0] if len(aliases) == 1 else None
+
+
+def reference_files(folder: str | Path) -> dict[str, Path]:
+    """Case id -> reference label file, for a flat folder, an nnU-Net dataset or BraTS case folders.
+
+    Tried in order: ``<case_id>.nii.gz`` files in ``folder`` (also an nnU-Net ``labelsTr`` folder
+    itself), ``folder/labelsTr/<case_id>.nii.gz``, then ``folder/<case_id>/<case_id>_seg.nii.gz``.
+    """
+    folder = Path(folder)
+    found = nifti_files(folder)
+    if not found and (folder / "labelsTr").is_dir():
+        found = nifti_files(folder / "labelsTr")
+    if not found:
+        segs = {d.name: _brats_seg(d) for d in sorted(folder.iterdir()) if d.is_dir()}
+        found = {case_id: path for case_id, path in segs.items() if path is not None}
+    if not found:
+        raise EvaluationError(
+            f"{folder}: no reference labels found (expected <case>.nii.gz files, a labelsTr folder, "
+            "or BraTS case folders <case>/<case>_seg.nii.gz)"
+        )
+    return found
+
+
+def _listing(names: Iterable[str], limit: int = 10) -> str:
+    names = sorted(names)
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return f"{len(names)} case(s): {', '.join(names[:limit])}{more}"
+
+
+def check_same_cases(
+    preds: Mapping[str, Path], refs: Mapping[str, Path], pred_dir: Path, ref_dir: Path
+) -> None:
+    """Every reference case needs a prediction and every prediction a reference."""
+    missing, extra = set(refs) - set(preds), set(preds) - set(refs)
+    if not preds:
+        raise EvaluationError(f"{pred_dir}: no prediction files <case_id>.nii.gz found")
+    problems = []
+    if missing:
+        problems.append(f"no prediction in {pred_dir} for {_listing(missing)}")
+    if extra:
+        problems.append(f"no reference in {ref_dir} for {_listing(extra)}")
+    if problems:
+        raise EvaluationError("case lists differ: " + "; ".join(problems))
+
+
+# --------------------------------------------------------------------------------------- reading cases
+
+
+def _load(path: Path) -> nib.Nifti1Image:
+    try:
+        return nib.load(str(path))
+    except Exception as exc:  # nibabel raises several types for unreadable files
+        raise EvaluationError(f"{path}: cannot read as NIfTI ({exc})") from None
+
+
+def _label_array(image: nib.Nifti1Image, path: Path, spec: TaskSpec) -> np.ndarray:
+    """Voxel labels as integers, checked against the task's label values."""
+    data = np.asanyarray(image.dataobj)
+    if data.ndim > 3 and all(s == 1 for s in data.shape[3:]):
+        data = data.reshape(data.shape[:3])
+    if not np.issubdtype(data.dtype, np.integer):
+        if not np.array_equal(data, np.round(data)):
+            raise EvaluationError(f"{path}: label map has non-integer values (is it a probability map?)")
+        data = data.astype(np.int64)
+    values = _present_values(data)
+    unknown = sorted(set(values) - set(spec.label_values))
+    if unknown:
+        allowed = ", ".join(map(str, spec.label_values))
+        raise EvaluationError(
+            f"{path}: label values {unknown} are not labels of task {spec.name} (allowed: {allowed})"
+        )
+    return data
+
+
+def _present_values(data: np.ndarray) -> list[int]:
+    """Distinct values; a histogram is much faster than ``np.unique`` for small non-negative labels."""
+    if data.size == 0:
+        return []
+    low, high = int(data.min()), int(data.max())
+    if low >= 0 and high < 1 << 16:
+        return np.flatnonzero(np.bincount(data.ravel(), minlength=high + 1)).tolist()
+    return np.unique(data).tolist()
+
+
+def _format_affine(affine: np.ndarray) -> str:
+    return "[" + "; ".join(" ".join(f"{v:.4g}" for v in row) for row in np.asarray(affine)[:3]) + "]"
+
+
+def load_case_pair(
+    pred_path: Path, ref_path: Path, spec: TaskSpec
+) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """Prediction and reference label arrays on the same grid, and the reference's spacing in mm."""
+    pred_img, ref_img = _load(pred_path), _load(ref_path)
+    pred, ref = _label_array(pred_img, pred_path, spec), _label_array(ref_img, ref_path, spec)
+    if pred.shape != ref.shape:
+        raise EvaluationError(
+            f"{pred_path}: shape {pred.shape} differs from the reference {ref_path}: {ref.shape}"
+        )
+    if not np.allclose(pred_img.affine, ref_img.affine, rtol=0, atol=AFFINE_TOLERANCE):
+        raise EvaluationError(
+            f"{pred_path}: affine {_format_affine(pred_img.affine)} differs from the reference {ref_path}: "
+            f"{_format_affine(ref_img.affine)} (resample the prediction to the reference grid)"
+        )
+    spacing = tuple(float(z) for z in ref_img.header.get_zooms()[: ref.ndim])
+    return pred, ref, spacing
+
+
+# --------------------------------------------------------------------------------------- scoring
+
+
+def case_metrics(
+    pred_labels: np.ndarray,
+    ref_labels: np.ndarray,
+    spec: TaskSpec,
+    spacing: Sequence[float] | None,
+    convention: str | None = None,
+) -> dict[str, dict[str, float]]:
+    """Region -> metric -> value for one case, under ``convention`` (default: from the task name)."""
+    return per_region(
+        resolve_convention(spec, convention).region_metrics, pred_labels, ref_labels, spec, spacing
+    )
+
+
+def _stats(values: Iterable[float]) -> dict[str, float]:
+    """Mean, median and population std over the values that are defined (NaN marks 'not scored')."""
+    kept = np.array([v for v in values if not math.isnan(v)], dtype=float)
+    if kept.size == 0:
+        return {"mean": math.nan, "median": math.nan, "std": math.nan, "n": 0}
+    return {
+        "mean": float(kept.mean()),
+        "median": float(np.median(kept)),
+        "std": float(kept.std()),
+        "n": int(kept.size),
+    }
+
+
+def summarize(
+    cases: Mapping[str, Mapping[str, Mapping[str, float]]], regions: Sequence[str], convention: Convention
+) -> dict[str, Any]:
+    """Per region and metric: mean, median, std, n; HECKTOR: aggregated Dice per region and its mean."""
+    summary: dict[str, Any] = {
+        "regions": {
+            region: {m: _stats(case[region][m] for case in cases.values()) for m in convention.summarized}
+            for region in regions
+        }
+    }
+    if convention.aggregated_dice:
+        agg = AggregatedDice()
+        for case in cases.values():
+            for region in regions:
+                row = case[region]
+                agg.add_counts(region, row["intersection"], row["pred_voxels"], row["ref_voxels"])
+        summary["aggregated_dice"] = {**agg.per_class(), "mean": agg.mean()}
+    return summary
+
+
+@dataclass
+class EvaluationResult:
+    """Per-case metrics and their summary, with writers for JSON and CSV.
+
+    Attributes:
+        task: task spec name.
+        convention: the convention used (brats, autopet, hecktor).
+        regions: scored regions, in spec order.
+        cases: case id -> region -> metric -> value (NaN where the convention does not score it).
+        summary: see :func:`summarize`.
+    """
+
+    task: str
+    convention: str
+    regions: tuple[str, ...]
+    cases: dict[str, dict[str, dict[str, float]]]
+    summary: dict[str, Any]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat row per case and region (the CSV)."""
+        return [
+            {"case": c, "region": r, **metrics[r]} for c, metrics in self.cases.items() for r in self.regions
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready data; NaN becomes null."""
+        data = {
+            "task": self.task,
+            "convention": self.convention,
+            "n_cases": len(self.cases),
+            "summary": self.summary,
+            "cases": self.cases,
+        }
+        return _nan_to_none(data)
+
+    def to_csv(self) -> str:
+        rows = self.rows()
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue()
+
+    def table(self) -> str:
+        """Human-readable summary: mean ± std per region and metric (HECKTOR: plus aggregated Dice)."""
+        metrics = CONVENTIONS[self.convention].summarized
+        header = ["region", *metrics]
+        agg = self.summary.get("aggregated_dice")
+        if agg is not None:
+            header.append("dice_agg")
+        lines = [header]
+        for region in self.regions:
+            stats = self.summary["regions"][region]
+            cells = [region] + [f"{_num(stats[m]['mean'])} ± {_num(stats[m]['std'])}" for m in metrics]
+            lines.append(cells + ([_num(agg[region])] if agg is not None else []))
+        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+        n = len(self.cases)
+        text = [f"task {self.task}, {self.convention} convention, {n} case{'' if n == 1 else 's'}"]
+        text += [
+            "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines
+        ]
+        if agg is not None:
+            text.append(f"aggregated Dice, mean over classes: {_num(agg['mean'])}")
+        return "\n".join(text)
+
+    def write(
+        self, json_path: str | Path, csv_path: str | Path | None = None, overwrite: bool = False
+    ) -> None:
+        """Write the JSON (and CSV) atomically; existing files are kept unless ``overwrite``."""
+        paths = [Path(json_path)] + ([Path(csv_path)] if csv_path is not None else [])
+        check_outputs(paths, overwrite)
+        write_atomic(paths[0], json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        if csv_path is not None:
+            write_atomic(paths[1], self.to_csv())
+
+
+def _num(value: float) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4g}"
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def check_outputs(paths: Iterable[str | Path], overwrite: bool = False) -> None:
+    """Refuse to replace existing files unless ``overwrite``; call before long work to fail early."""
+    if overwrite:
+        return
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing:
+        raise EvaluationError(
+            f"{', '.join(existing)}: already exists (pass --overwrite / overwrite=True to replace)"
+        )
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file next to ``path``, then rename it over ``path`` (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def evaluate_folders(
+    pred_dir: str | Path,
+    ref_dir: str | Path,
+    spec: TaskSpec | str,
+    convention: str | None = None,
+    progress: bool = False,
+) -> EvaluationResult:
+    """Score every predicted case against its reference.
+
+    Args:
+        pred_dir: folder of ``<case_id>.nii.gz`` (or ``.nii``) label maps in the dataset's label values.
+        ref_dir: references: same layout, an nnU-Net dataset with ``labelsTr``, or BraTS case folders.
+        spec: task spec or its name; its regions are scored and its label values checked.
+        convention: brats, autopet or hecktor; default from the task name (other tasks: brats).
+        progress: show a progress bar over cases.
+
+    Raises:
+        EvaluationError: case lists differ, a file is unreadable, grids differ, or labels are unknown.
+    """
+    spec = load_task(spec)
+    conv = resolve_convention(spec, convention)
+    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
+    preds, refs = nifti_files(pred_dir), reference_files(ref_dir)
+    check_same_cases(preds, refs, pred_dir, ref_dir)
+    cases = {}
+    for case_id in tqdm(sorted(preds), desc="evaluate", unit="case", disable=not progress):
+        pred, ref, spacing = load_case_pair(preds[case_id], refs[case_id], spec)
+        cases[case_id] = per_region(conv.region_metrics, pred, ref, spec, spacing)
+    regions = spec.region_names
+    return EvaluationResult(spec.name, conv.name, regions, cases, summarize(cases, regions, conv))

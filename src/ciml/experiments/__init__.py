@@ -1,0 +1,1 @@
+"""Experiments that train and compare several methods (the demo, benchmarks)."""

@@ -1,0 +1,66 @@
+"""The CIML loss: sum over segmentors of (BCE + soft Dice) on the regions each owns, plus beta * KL.
+
+Every term is reported separately so logs show what the optimiser is trading off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ciml.models.output import SegmentationOutput
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+    """1 - soft Dice per channel over batch and voxels (nnU-Net's batch Dice), averaged over channels."""
+    probabilities = torch.sigmoid(logits.float())
+    dims = [0, *range(2, logits.dim())]
+    intersection = (probabilities * target).sum(dims)
+    denominator = probabilities.sum(dims) + target.sum(dims)
+    return (1.0 - (2.0 * intersection + smooth) / (denominator + smooth)).mean()
+
+
+@dataclass
+class LossTerms:
+    """The total loss and each of its terms (detached floats for logging in ``as_dict``)."""
+
+    total: torch.Tensor
+    segmentation: torch.Tensor
+    kl: torch.Tensor
+    per_segmentor: dict[str, torch.Tensor] = field(default_factory=dict)
+    per_gate: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, float]:
+        out = {"loss": self.total, "seg": self.segmentation, "kl": self.kl}
+        out.update({f"seg/{k}": v for k, v in self.per_segmentor.items()})
+        out.update({f"kl/{k}": v for k, v in self.per_gate.items()})
+        return {k: float(v.detach()) for k, v in out.items()}
+
+
+class CIMLLoss(torch.nn.Module):
+    """Region loss for any network's :class:`SegmentationOutput`.
+
+    Args:
+        region_names: order of the target's channels (the task spec's regions).
+        beta: weight of the KL (bottleneck) term.
+    """
+
+    def __init__(self, region_names: Sequence[str], beta: float = 0.0) -> None:
+        super().__init__()
+        self.index = {r: i for i, r in enumerate(region_names)}
+        self.beta = float(beta)
+
+    def forward(self, output: SegmentationOutput, target: torch.Tensor) -> LossTerms:
+        """``target``: binary region masks [B, R, *spatial] in ``region_names`` order."""
+        per_segmentor = {}
+        for name, logits in output.logits.items():
+            channels = [self.index[r] for r in output.owned[name]]
+            owned_target = target[:, channels].to(logits.dtype)
+            bce = F.binary_cross_entropy_with_logits(logits.float(), owned_target.float())
+            per_segmentor[name] = bce + soft_dice_loss(logits, owned_target)
+        segmentation = sum(per_segmentor.values(), target.new_zeros((), dtype=torch.float32))
+        total = segmentation + self.beta * output.kl if self.beta else segmentation
+        return LossTerms(total, segmentation, output.kl, per_segmentor, dict(output.kl_terms))

@@ -1,0 +1,22 @@
+"""Networks: the U-Net backbone, the information gate, CIML and its baselines, one registry."""
+
+from ciml.models.backbone import UNet
+from ciml.models.ciml import CIMLNet, gate_key
+from ciml.models.gate import GateOutput, InformationGate, gaussian_bottleneck_kl
+from ciml.models.output import SegmentationOutput
+from ciml.models.registry import MODELS, build_model, model_from_config, model_names, size_divisor
+
+__all__ = [
+    "MODELS",
+    "CIMLNet",
+    "GateOutput",
+    "InformationGate",
+    "SegmentationOutput",
+    "UNet",
+    "build_model",
+    "gate_key",
+    "gaussian_bottleneck_kl",
+    "model_from_config",
+    "model_names",
+    "size_divisor",
+]

@@ -1,0 +1,108 @@
+"""nnU-Net-style U-Net parts (2D or 3D), shared by CIML's segmentors and the baselines.
+
+Per level: two conv-InstanceNorm-LeakyReLU blocks (the first strided to downsample, except at full
+resolution); the decoder upsamples with transposed convolutions and concatenates the skip features.
+The encoder and decoder are separate modules so CIML can add messages to the skips in between.
+
+Example:
+    >>> net = UNet(in_channels=4, out_channels=3, widths=(8, 16, 32), spatial_dims=3)
+    >>> net(torch.zeros(1, 4, 16, 16, 16)).shape
+    torch.Size([1, 3, 16, 16, 16])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+_TRANSPOSED_CONV = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+_INSTANCE_NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+
+
+def conv(
+    spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1
+) -> nn.Module:
+    """A plain convolution with 'same' padding for odd kernels."""
+    return _CONV[spatial_dims](
+        in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2
+    )
+
+
+class ConvNormAct(nn.Sequential):
+    """Conv (3x3[x3]) -> InstanceNorm (affine) -> LeakyReLU(0.01), nnU-Net's basic block."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__(
+            conv(spatial_dims, in_channels, out_channels, kernel_size=3, stride=stride),
+            _INSTANCE_NORM[spatial_dims](out_channels, affine=True, eps=1e-5),
+            nn.LeakyReLU(0.01, inplace=True),
+        )
+
+
+class Stage(nn.Sequential):
+    """Two ConvNormAct blocks; the first one may downsample with its stride."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__(
+            ConvNormAct(spatial_dims, in_channels, out_channels, stride=stride),
+            ConvNormAct(spatial_dims, out_channels, out_channels),
+        )
+
+
+class UNetEncoder(nn.Module):
+    """Returns the features of every level, full resolution first, bottleneck last."""
+
+    def __init__(self, in_channels: int, widths: Sequence[int], spatial_dims: int) -> None:
+        super().__init__()
+        channels = [in_channels, *widths]
+        self.stages = nn.ModuleList(
+            Stage(spatial_dims, channels[i], channels[i + 1], stride=1 if i == 0 else 2)
+            for i in range(len(widths))
+        )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+
+class UNetDecoder(nn.Module):
+    """Upsamples from the bottleneck, concatenating each level's skip, and ends in a 1x1 head."""
+
+    def __init__(self, widths: Sequence[int], out_channels: int, spatial_dims: int) -> None:
+        super().__init__()
+        levels = len(widths)
+        self.upsample = nn.ModuleList(
+            _TRANSPOSED_CONV[spatial_dims](widths[i + 1], widths[i], kernel_size=2, stride=2)
+            for i in range(levels - 1)
+        )
+        self.stages = nn.ModuleList(Stage(spatial_dims, 2 * widths[i], widths[i]) for i in range(levels - 1))
+        self.head = conv(spatial_dims, widths[0], out_channels)
+
+    def forward(self, skips: Sequence[torch.Tensor]) -> torch.Tensor:
+        x = skips[-1]
+        for level in reversed(range(len(skips) - 1)):
+            x = self.upsample[level](x)
+            x = self.stages[level](torch.cat([x, skips[level]], dim=1))
+        return self.head(x)
+
+
+class UNet(nn.Module):
+    """Encoder + decoder; input sizes must be divisible by ``2 ** (len(widths) - 1)``."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, widths: Sequence[int], spatial_dims: int = 3
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in _CONV:
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        self.encoder = UNetEncoder(in_channels, widths, spatial_dims)
+        self.decoder = UNetDecoder(widths, out_channels, spatial_dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))

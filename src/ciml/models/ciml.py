@@ -1,0 +1,160 @@
+"""CIML: one segmentor per modality, exchanging gated, information-bottlenecked messages.
+
+Each segmentor's encoder sees only its primary modality (private encoders, so a sender never echoes
+what it received). Messages enter the decoder side: at each message level l the skip of receiver m is
+
+    s_m^l = e_m^l + sum over senders n of rho_{m<-n}(z_{m<-n}^l)
+
+with z from the sender's information gate (:mod:`ciml.models.gate`). The same class, without message
+levels, is the decomposition-only ablation (ciml-nomsg) and, with every segmentor owning every region,
+the ensemble baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ciml.errors import CimlError
+from ciml.models.backbone import UNetDecoder, UNetEncoder
+from ciml.models.gate import InformationGate
+from ciml.models.output import SegmentationOutput
+
+
+def gate_key(level: int, receiver: str, sender: str) -> str:
+    """Name of the gate on message receiver <- sender at ``level`` (also the key of its maps)."""
+    return f"{level}/{receiver}<-{sender}"
+
+
+class CIMLNet(nn.Module):
+    """Per-modality segmentors with cross-modality information gates.
+
+    Args:
+        modalities: modality names in input channel order.
+        decomposition: modality -> regions its segmentor owns (may be empty: a pure sender).
+        widths: feature channels per level of every segmentor, full resolution first.
+        spatial_dims: 2 or 3.
+        message_levels: levels that receive messages (default: all; empty: no messages).
+
+    Example:
+        >>> net = CIMLNet(["flair", "t1"], {"flair": ["WT"], "t1": ["TC"]}, widths=(4, 8), spatial_dims=2)
+        >>> out = net(torch.randn(2, 2, 16, 16))
+        >>> out.logits["flair"].shape
+        torch.Size([2, 1, 16, 16])
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        decomposition: Mapping[str, Sequence[str]],
+        widths: Sequence[int],
+        spatial_dims: int = 3,
+        message_levels: Iterable[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.modalities = tuple(modalities)
+        self.owned = {m: tuple(decomposition.get(m, ())) for m in self.modalities}
+        self.widths = tuple(widths)
+        levels = range(len(self.widths)) if message_levels is None else message_levels
+        self.message_levels = tuple(sorted(set(levels)))
+        if any(not 0 <= level < len(self.widths) for level in self.message_levels):
+            raise ValueError(f"message levels {self.message_levels} outside 0..{len(self.widths) - 1}")
+        self.encoders = nn.ModuleDict({m: UNetEncoder(1, self.widths, spatial_dims) for m in self.modalities})
+        self.decoders = nn.ModuleDict(
+            {
+                m: UNetDecoder(self.widths, len(regions), spatial_dims)
+                for m, regions in self.owned.items()
+                if regions
+            }
+        )
+        self.gates = nn.ModuleDict(
+            {
+                gate_key(level, receiver, sender): InformationGate(self.widths[level], spatial_dims)
+                for level in self.message_levels
+                for receiver in self.decoders
+                for sender in self.modalities
+                if sender != receiver
+            }
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        present: Iterable[str] | None = None,
+        return_maps: bool = False,
+        close_gates: bool = False,
+    ) -> SegmentationOutput:
+        """Segment ``x`` [B, M, *spatial] (channels in modality order).
+
+        Args:
+            present: modalities available (default: all). A missing modality's segmentor is skipped and
+                its messages sit at the prior mean (lambda = 0), exactly the gate's "no information" state.
+            return_maps: also return every gate's attention (lambda) and KL map.
+            close_gates: force lambda = 0 on every gate (no information flows between segmentors).
+        """
+        available = self._available(present, x.shape[1])
+        features = {
+            m: self.encoders[m](x[:, i : i + 1]) for i, m in enumerate(self.modalities) if m in available
+        }
+        kl = x.new_zeros((), dtype=torch.float32)
+        output = SegmentationOutput(logits={}, owned={}, kl=kl)
+        for receiver in self.decoders:
+            if receiver not in available:
+                continue
+            skips = list(features[receiver])
+            for level in self.message_levels:
+                skips[level] = skips[level] + self._messages(
+                    level, receiver, features, close_gates, return_maps, output
+                )
+            output.logits[receiver] = self.decoders[receiver](skips)
+            output.owned[receiver] = self.owned[receiver]
+        output.kl = sum(output.kl_terms.values(), kl)
+        return output
+
+    def _messages(
+        self,
+        level: int,
+        receiver: str,
+        features: dict[str, list[torch.Tensor]],
+        close_gates: bool,
+        return_maps: bool,
+        output: SegmentationOutput,
+    ) -> torch.Tensor | float:
+        """Sum of all messages into ``receiver`` at ``level``; records KL terms (and maps) in ``output``."""
+        total: torch.Tensor | float = 0.0
+        own = features[receiver][level]
+        for sender in self.modalities:
+            if sender == receiver:
+                continue
+            key = gate_key(level, receiver, sender)
+            gate = self.gates[key]
+            if sender not in features:
+                total = total + gate.silent_message(own)
+                continue
+            result = gate(own, features[sender][level], closed=close_gates)
+            total = total + result.message
+            output.kl_terms[key] = result.kl_map.mean()
+            if return_maps:
+                output.kl_maps[key] = result.kl_map
+                output.attention_maps[key] = result.attention
+        return total
+
+    def _available(self, present: Iterable[str] | None, channels: int) -> set[str]:
+        if channels != len(self.modalities):
+            raise CimlError(
+                f"input has {channels} channels but the model expects {len(self.modalities)} "
+                f"({', '.join(self.modalities)})"
+            )
+        if present is None:
+            return set(self.modalities)
+        available = set(present)
+        unknown = available - set(self.modalities)
+        if unknown:
+            raise CimlError(
+                f"unknown modalities {sorted(unknown)}; the model has {', '.join(self.modalities)}"
+            )
+        if not available:
+            raise CimlError("at least one modality must be present")
+        return available

@@ -1,0 +1,115 @@
+"""One registry that builds any network from a name, a task spec and width/depth settings.
+
+Example:
+    >>> from ciml.tasks import load_task
+    >>> model = build_model("ciml", load_task("brats2020"), widths=(4, 8), spatial_dims=3)
+    >>> sorted(model.config)
+    ['message_levels', 'name', 'spatial_dims', 'task', 'widths']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ciml.errors import CimlError
+from ciml.models.baselines import JointUNet, SegResNetPeer
+from ciml.models.ciml import CIMLNet
+from ciml.tasks import TaskSpec, load_task
+
+DEFAULT_WIDTHS = (32, 64, 128, 256, 320)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """How to build one named model, and whether its loss ignores the bottleneck weight."""
+
+    build: Callable[..., nn.Module]
+    description: str
+    fixed_beta: float | None = None
+
+
+def _ciml(spec: TaskSpec, widths: Sequence[int], spatial_dims: int, message_levels=None) -> nn.Module:
+    return CIMLNet(spec.modality_names, spec.decomposition, widths, spatial_dims, message_levels)
+
+
+def _ciml_nomsg(spec: TaskSpec, widths: Sequence[int], spatial_dims: int, message_levels=None) -> nn.Module:
+    return CIMLNet(spec.modality_names, spec.decomposition, widths, spatial_dims, message_levels=())
+
+
+def _ensemble(spec: TaskSpec, widths: Sequence[int], spatial_dims: int, message_levels=None) -> nn.Module:
+    every_region = {m: spec.region_names for m in spec.modality_names}
+    return CIMLNet(spec.modality_names, every_region, widths, spatial_dims, message_levels=())
+
+
+def _joint(spec: TaskSpec, widths: Sequence[int], spatial_dims: int, message_levels=None) -> nn.Module:
+    return JointUNet(spec.modality_names, spec.region_names, widths, spatial_dims)
+
+
+def _segresnet(spec: TaskSpec, widths: Sequence[int], spatial_dims: int, message_levels=None) -> nn.Module:
+    return SegResNetPeer(spec.modality_names, spec.region_names, widths, spatial_dims)
+
+
+MODELS: dict[str, ModelEntry] = {
+    "ciml": ModelEntry(_ciml, "CIML: decomposed segmentors with gated, bottlenecked messages"),
+    "ciml-beta0": ModelEntry(
+        _ciml, "CIML with the bottleneck off (beta = 0): attention only", fixed_beta=0.0
+    ),
+    "ciml-nomsg": ModelEntry(_ciml_nomsg, "task decomposition only, no messages"),
+    "joint": ModelEntry(_joint, "one U-Net on all modalities stacked as channels"),
+    "ensemble": ModelEntry(_ensemble, "one U-Net per modality, each predicting every region, averaged"),
+    "segresnet": ModelEntry(_segresnet, "MONAI SegResNet on stacked modalities (external peer)"),
+}
+
+
+def model_names() -> list[str]:
+    return list(MODELS)
+
+
+def build_model(
+    name: str,
+    task: TaskSpec | str | dict[str, Any],
+    widths: Sequence[int] = DEFAULT_WIDTHS,
+    spatial_dims: int = 3,
+    message_levels: Sequence[int] | None = None,
+) -> nn.Module:
+    """Build a named network for ``task``.
+
+    ``model.config`` holds what rebuilds it (see :func:`model_from_config`).
+
+    Raises:
+        CimlError: unknown model name or invalid settings.
+    """
+    if name not in MODELS:
+        raise CimlError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    spec = load_task(task)
+    widths = tuple(int(w) for w in widths)
+    if not widths or any(w <= 0 for w in widths):
+        raise CimlError(f"widths must be positive integers, got {widths}")
+    if spatial_dims not in (2, 3):
+        raise CimlError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    model = MODELS[name].build(spec, widths, spatial_dims, message_levels)
+    model.config = {
+        "name": name,
+        "task": spec.to_dict(),
+        "widths": list(widths),
+        "spatial_dims": spatial_dims,
+        "message_levels": None if message_levels is None else list(message_levels),
+    }
+    model.fixed_beta = MODELS[name].fixed_beta
+    return model
+
+
+def model_from_config(config: dict[str, Any]) -> nn.Module:
+    """Rebuild a network from ``model.config`` (as stored in checkpoints)."""
+    return build_model(
+        config["name"], config["task"], config["widths"], config["spatial_dims"], config.get("message_levels")
+    )
+
+
+def size_divisor(model: nn.Module) -> int:
+    """Input sizes must be divisible by this (2 ** downsamplings)."""
+    return 2 ** (len(model.config["widths"]) - 1)

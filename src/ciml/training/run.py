@@ -1,0 +1,127 @@
+"""The run folder: what training leaves behind and what prediction reads.
+
+Layout (like nnU-Net's results folder, one run for all folds)::
+
+    RUN/
+      run.json             task spec, model config, preprocessing plan, data source, training settings
+      splits_final.json    5-fold patient-level split, editable before training a fold
+      fold_K/
+        checkpoint_last.pt checkpoint_best.pt log.jsonl progress.png
+
+Example:
+    >>> run = RunFolder("runs/brats")          # doctest: +SKIP
+    >>> model = run.load_model(fold=0, which="best")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ciml.errors import CimlError
+from ciml.models import model_from_config
+from ciml.tasks import TaskSpec
+from ciml.training.checkpoint import load_checkpoint
+
+RUN_FILE = "run.json"
+SPLITS_FILE = "splits_final.json"
+CHECKPOINTS = ("last", "best")
+
+
+def write_json_atomic(data: Any, path: Path) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(data, stream, indent=2)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class RunFolder:
+    """Paths and files of one run; reading validates and names the file on any problem."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def info_path(self) -> Path:
+        return self.path / RUN_FILE
+
+    @property
+    def splits_path(self) -> Path:
+        return self.path / SPLITS_FILE
+
+    def fold_dir(self, fold: int) -> Path:
+        return self.path / f"fold_{fold}"
+
+    def checkpoint(self, fold: int, which: str = "last") -> Path:
+        if which not in CHECKPOINTS:
+            raise CimlError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {which!r}")
+        return self.fold_dir(fold) / f"checkpoint_{which}.pt"
+
+    def folds(self) -> list[int]:
+        """Folds that have at least a last checkpoint."""
+        found = []
+        for child in sorted(self.path.glob("fold_*")):
+            suffix = child.name.removeprefix("fold_")
+            if suffix.isdigit() and (child / "checkpoint_last.pt").is_file():
+                found.append(int(suffix))
+        return sorted(found)
+
+    def write_info(self, info: dict[str, Any]) -> None:
+        write_json_atomic(info, self.info_path)
+
+    def read_info(self) -> dict[str, Any]:
+        if not self.info_path.is_file():
+            raise CimlError(f"{self.path}: not a ciml run folder (no {RUN_FILE})")
+        try:
+            info = json.loads(self.info_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CimlError(f"{self.info_path}: not valid JSON ({exc})") from None
+        for key in ("task", "model"):
+            if key not in info:
+                raise CimlError(f"{self.info_path}: missing '{key}'")
+        return info
+
+    def spec(self) -> TaskSpec:
+        return TaskSpec.from_dict(self.read_info()["task"], source=str(self.info_path))
+
+    def load_model(
+        self, fold: int, which: str = "last", map_location: str | torch.device = "cpu"
+    ) -> tuple[nn.Module, dict[str, Any]]:
+        """The fold's network with its weights, in eval mode, and the checkpoint's state.
+
+        Raises:
+            CimlError: missing checkpoint, unsafe file, or a checkpoint that does not belong to this run
+                (another task or architecture): named, not a shape traceback.
+        """
+        path = self.checkpoint(fold, which)
+        if not path.is_file():
+            available = ", ".join(f"fold_{f}" for f in self.folds()) or "none"
+            raise CimlError(f"{path}: checkpoint not found (folds with checkpoints: {available})")
+        state = load_checkpoint(path, map_location=map_location)
+        expected = self.read_info()["model"]
+        if state["config"] != expected:
+            differing = sorted(
+                k for k in set(expected) | set(state["config"]) if expected.get(k) != state["config"].get(k)
+            )
+            raise CimlError(
+                f"{path}: checkpoint does not match {self.info_path} (differs in: {', '.join(differing)})"
+            )
+        model = model_from_config(state["config"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise CimlError(f"{path}: weights do not fit the model in its config ({first})") from None
+        return model.eval(), state

@@ -1,0 +1,121 @@
+"""CIG maths and the information-flow guarantees of CIML's messages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ciml.models import CIMLNet, InformationGate, build_model, gaussian_bottleneck_kl
+from ciml.tasks import load_task
+
+
+def test_closed_form_kl_matches_monte_carlo() -> None:
+    torch.manual_seed(0)
+    mu, sd = 0.3, 1.7
+    for lam, v in [(0.2, 1.0), (0.6, -2.0), (0.9, 0.5)]:
+        n = 400_000
+        eps = mu + sd * torch.randn(n, dtype=torch.float64)
+        z = lam * v + (1 - lam) * eps
+        q_mean, q_sd = lam * v + (1 - lam) * mu, (1 - lam) * sd
+        log_q = torch.distributions.Normal(q_mean, q_sd).log_prob(z)
+        log_p = torch.distributions.Normal(mu, sd).log_prob(z)
+        monte_carlo = (log_q - log_p).mean().item()
+        closed = gaussian_bottleneck_kl(torch.tensor(lam), torch.tensor((v - mu) / sd)).item()
+        assert closed == pytest.approx(monte_carlo, abs=0.01), (lam, v)
+
+
+def test_zero_attention_costs_nothing_and_sends_the_prior_mean() -> None:
+    torch.manual_seed(0)
+    gate = InformationGate(channels=6, spatial_dims=2)
+    torch.nn.init.normal_(gate.project.weight)  # make messages visible
+    gate.train()
+    gate(torch.randn(4, 6, 8, 8), torch.randn(4, 6, 8, 8))  # populate running statistics
+    gate.eval()
+    receiver, sender = torch.randn(2, 6, 8, 8), torch.randn(2, 6, 8, 8)
+    out = gate(receiver, sender, closed=True)
+    assert torch.count_nonzero(out.attention) == 0
+    assert torch.allclose(out.kl_map, torch.zeros_like(out.kl_map))
+    expected = gate.project(gate.running_mean.view(1, -1, 1, 1).expand_as(sender))
+    torch.testing.assert_close(out.message, expected)
+    torch.testing.assert_close(gate.silent_message(receiver), expected)
+    assert float(gaussian_bottleneck_kl(torch.zeros(3), torch.randn(3)).abs().max()) == 0.0
+
+
+def test_any_open_gate_costs_information() -> None:
+    gate = InformationGate(channels=4, spatial_dims=2).eval()
+    sender = torch.randn(1, 4, 8, 8) * 3
+    opened = gate(torch.randn(1, 4, 8, 8), sender)
+    assert float(opened.kl_map.detach().min()) > 0.0
+
+
+def _trained_like(model: torch.nn.Module) -> torch.nn.Module:
+    """Give every message projection non-zero weights and settle running statistics."""
+    torch.manual_seed(1)
+    for gate in model.gates.values():
+        torch.nn.init.normal_(gate.project.weight, std=0.5)
+    model.train()
+    model(torch.randn(4, len(model.modalities), 16, 16))
+    return model.eval()
+
+
+def test_closed_gates_isolate_segmentors_and_open_gates_do_not() -> None:
+    spec = load_task("brats2020")
+    model = _trained_like(build_model("ciml", spec, widths=(4, 8, 8), spatial_dims=2))
+    x = torch.randn(1, 4, 16, 16)
+    changed = x.clone()
+    changed[:, 1] = torch.randn(16, 16) * 5  # change the t1 input only
+    with torch.no_grad():
+        closed_a, closed_b = model(x, close_gates=True), model(changed, close_gates=True)
+        open_a, open_b = model(x), model(changed)
+    torch.testing.assert_close(closed_a.logits["flair"], closed_b.logits["flair"])
+    torch.testing.assert_close(closed_a.logits["t1ce"], closed_b.logits["t1ce"])
+    assert not torch.allclose(open_a.logits["flair"], open_b.logits["flair"])
+    assert not torch.allclose(closed_a.logits["t1"], closed_b.logits["t1"])  # t1's own input changed
+
+
+def test_fresh_ciml_equals_decomposition_without_messages() -> None:
+    spec = load_task("brats2020")
+    ciml = build_model("ciml", spec, widths=(4, 8, 8), spatial_dims=3)
+    nomsg = build_model("ciml-nomsg", spec, widths=(4, 8, 8), spatial_dims=3)
+    missing, unexpected = nomsg.load_state_dict(ciml.state_dict(), strict=False)
+    assert not missing and all(k.startswith("gates.") for k in unexpected)
+    x = torch.randn(2, 4, 8, 8, 8)
+    ciml.train(), nomsg.train()
+    a, b = ciml(x), nomsg(x)
+    for key in b.logits:
+        torch.testing.assert_close(a.logits[key], b.logits[key])
+
+
+def test_missing_modality_equals_closed_gates_from_it() -> None:
+    spec = load_task("brats2020")
+    model = _trained_like(build_model("ciml", spec, widths=(4, 8, 8), spatial_dims=2))
+    x = torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        without_t2 = model(x, present=["flair", "t1", "t1ce"], return_maps=True)
+    assert "t2" not in without_t2.logits
+    assert not any(key.endswith("<-t2") for key in without_t2.kl_maps)
+    # the same model with t2's input replaced: outputs must not move, t2 sends nothing
+    x2 = x.clone()
+    x2[:, 3] = 100.0
+    with torch.no_grad():
+        again = model(x2, present=["flair", "t1", "t1ce"])
+    for key in without_t2.logits:
+        torch.testing.assert_close(without_t2.logits[key], again.logits[key])
+
+
+def test_maps_cover_every_gate_and_sum_to_the_kl_term() -> None:
+    model = CIMLNet(["a", "b", "c"], {"a": ["r"], "b": ["s"]}, widths=(4, 8), spatial_dims=2)
+    out = model(torch.randn(2, 3, 8, 8), return_maps=True)
+    # receivers a and b, each from two senders, at two levels; c only sends
+    assert len(out.kl_maps) == len(out.attention_maps) == 8
+    total = sum(m.mean() for m in out.kl_maps.values())
+    torch.testing.assert_close(total, out.kl)
+    assert all(((lam >= 0) & (lam <= 1)).all() for lam in out.attention_maps.values())
+
+
+def test_joint_refuses_missing_modalities() -> None:
+    from ciml.errors import CimlError
+
+    model = build_model("joint", "brats2020", widths=(4, 8), spatial_dims=2)
+    with pytest.raises(CimlError, match="cannot run without t2"):
+        model(torch.randn(1, 4, 8, 8), present=["flair", "t1", "t1ce"])
