@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import multiprocessing
 import platform
 import subprocess
 from pathlib import Path
@@ -26,6 +27,28 @@ def _hardware(device: str) -> str:
     return f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads"
 
 
+def sweep_point(method: str, beta: float, args: argparse.Namespace) -> dict:
+    """Train and score one (method, beta) point of the sweep."""
+    torch.set_num_threads(args.threads)
+    config = ShapeExperimentConfig(
+        iterations=args.iterations, beta=beta, seed=args.seed, methods=(method,), device=args.device
+    )
+    result = run_experiment(config, progress=False)["methods"][method]
+    ((key, selectivity),) = result["selectivity"].items()
+    return {
+        "method": method,
+        "beta": beta,
+        "composite_dice": result["composite_dice"],
+        "selectivity": selectivity["selectivity"],
+        "specific_over_background": selectivity["specific_over_background"],
+        "kl_specific": selectivity["specific"],
+        "kl_redundant": selectivity["redundant"],
+        "silence": sum(result["silence"].values()),
+        "message": key,
+        "train_seconds": result["train_seconds"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -35,31 +58,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for torch")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/beta_sweep.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    rows = []
     runs = [("ciml-beta0", 0.0)] + [("ciml", beta) for beta in args.betas]
-    for method, beta in runs:
-        config = ShapeExperimentConfig(
-            iterations=args.iterations, beta=beta, seed=args.seed, methods=(method,), device=args.device
-        )
-        result = run_experiment(config, progress=False)["methods"][method]
-        ((key, selectivity),) = result["selectivity"].items()
-        rows.append(
-            {
-                "method": method,
-                "beta": beta,
-                "composite_dice": result["composite_dice"],
-                "selectivity": selectivity["selectivity"],
-                "specific_over_background": selectivity["specific_over_background"],
-                "kl_specific": selectivity["specific"],
-                "kl_redundant": selectivity["redundant"],
-                "silence": sum(result["silence"].values()),
-                "message": key,
-            }
-        )
+    jobs = [(method, beta, args) for method, beta in runs]
+    if args.jobs > 1:
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            rows = pool.starmap(sweep_point, jobs)
+    else:
+        rows = [sweep_point(*job) for job in jobs]
     print(
         "| beta | composite Dice | selectivity | specific/background | KL specific | KL redundant | silence |"
     )

@@ -258,7 +258,7 @@ def test_write_refuses_to_overwrite_and_is_atomic(tmp_path, monkeypatch):
     def fail(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr("ciml.evaluation.evaluate.os.replace", fail)
+    monkeypatch.setattr("ciml.files.os.replace", fail)
     with pytest.raises(OSError, match="disk full"):
         result.write(tmp_path / "out" / "new.json")
     assert sorted(p.name for p in target.parent.iterdir()) == ["metrics.json"]

@@ -14,7 +14,17 @@ from ciml import __version__
 from ciml.errors import CimlError
 
 # Subcommand modules under ciml.cli, in the order `ciml --help` lists them.
-SUBCOMMANDS = ("check_data", "demo", "evaluate", "phantom", "tasks")
+SUBCOMMANDS = (
+    "demo",
+    "shapes",
+    "phantom",
+    "check_data",
+    "train",
+    "predict",
+    "evaluate",
+    "robustness",
+    "tasks",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

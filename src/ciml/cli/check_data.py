@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from pathlib import Path
 
 from ciml.data.integrity import IntegrityReport, check_folder
 from ciml.data.layouts import LAYOUTS
 from ciml.errors import CimlError
+from ciml.files import write_json_atomic
 from ciml.tasks import load_task
 
 
@@ -101,12 +99,4 @@ def write_report_json(report: IntegrityReport, path: Path, task: str) -> None:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise CimlError(f"{path}: folder {folder} does not exist")
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(data, out, indent=2)
-            out.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, data)

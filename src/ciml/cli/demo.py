@@ -1,4 +1,4 @@
-"""`ciml demo`: the ShapeComposition verification experiment, end to end on built-in data."""
+"""`ciml demo`: the whole pipeline on built-in data (phantom -> check -> train -> predict -> evaluate)."""
 
 from __future__ import annotations
 
@@ -6,93 +6,63 @@ import argparse
 from pathlib import Path
 
 from ciml.errors import CimlError
-from ciml.experiments.shapecomposition import (
-    DEMO_METHODS,
-    ShapeExperimentConfig,
-    plot_examples,
-    results_table,
-    run_experiment,
-    write_json,
-)
+from ciml.experiments.brain_demo import BrainDemoConfig, run_brain_demo
 from ciml.models import model_names
 
-DEFAULTS = ShapeExperimentConfig()
+DEFAULTS = BrainDemoConfig()
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="train CIML and its baselines on ShapeComposition and compare them",
+        help="run the whole pipeline on a built-in brain tumour phantom (a few minutes on a CPU)",
         description=(
-            "Generate ShapeComposition samples on the fly, train CIML (beta > 0), ciml-beta0, joint and "
-            "ensemble with the same budget, evaluate on held-out samples and write results.json, "
-            "results.md and examples.png to --out. About 5-8 minutes on 2 CPU cores with the defaults."
+            "Write BraTS-layout brain tumour phantoms (2 mm, real MNI152 anatomy) for training and testing, "
+            "check them, train CIML, predict the held-out test cases and evaluate them with the BraTS "
+            "conventions. Everything lands in --out: data/, run/ (checkpoints, log, progress.png), "
+            "predictions/ (NIfTI label maps), metrics.json/csv and demo.json. "
+            "For the ShapeComposition verification of the method see `ciml shapes`."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder")
     parser.add_argument(
-        "--task",
-        default=DEFAULTS.task,
-        help="ShapeComposition preset (shapecomposition, shapecomposition3, ...)",
+        "--out", type=Path, default=Path("demo_out"), help="output folder (must be new or empty)"
     )
+    parser.add_argument("--model", default=DEFAULTS.model, choices=model_names(), help="network to train")
+    parser.add_argument("--iterations", type=int, default=DEFAULTS.iterations, help="training steps")
     parser.add_argument(
-        "--iterations", type=int, default=DEFAULTS.iterations, help="training steps per method"
+        "--train-cases", type=int, default=DEFAULTS.train_cases, help="phantom training cases"
     )
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="samples per step")
+    parser.add_argument("--test-cases", type=int, default=DEFAULTS.test_cases, help="phantom test cases")
+    parser.add_argument("--patch", type=int, nargs=3, default=list(DEFAULTS.patch_size), help="patch size")
     parser.add_argument(
-        "--size", type=int, nargs="+", default=list(DEFAULTS.size), help="sample size (2 or 3 ints)"
+        "--inference-patch",
+        type=int,
+        nargs=3,
+        default=list(DEFAULTS.inference_patch),
+        help="sliding-window tile size for prediction",
     )
-    parser.add_argument(
-        "--widths", type=int, nargs="+", default=list(DEFAULTS.widths), help="U-Net widths per level"
-    )
-    parser.add_argument(
-        "--beta", type=float, default=DEFAULTS.beta, help="weight of the KL (bottleneck) term"
-    )
-    parser.add_argument(
-        "--lr", type=float, default=DEFAULTS.lr, help="initial AdamW learning rate (poly decay)"
-    )
-    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of data and weights")
-    parser.add_argument(
-        "--validation-samples", type=int, default=DEFAULTS.validation_samples, help="held-out samples"
-    )
-    parser.add_argument(
-        "--methods", nargs="+", default=list(DEMO_METHODS), choices=model_names(), help="methods to compare"
-    )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (CUDA when available)")
-    parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    parser.add_argument("--widths", type=int, nargs="+", default=list(DEFAULTS.widths), help="U-Net widths")
+    parser.add_argument("--device", default=DEFAULTS.device, help="auto, cpu or cuda")
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of phantoms, split and weights")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    out: Path = args.out
-    outputs = [out / "results.json", out / "results.md", out / "examples.png"]
-    existing = [p for p in outputs if p.exists()]
-    if existing and not args.overwrite:
-        raise CimlError(f"{existing[0]} already exists; choose another --out or pass --overwrite")
-    if args.iterations < 1 or args.batch_size < 1:
-        raise CimlError("--iterations and --batch-size must be at least 1")
-    config = ShapeExperimentConfig(
-        task=args.task,
-        size=tuple(args.size),
-        widths=tuple(args.widths),
-        batch_size=args.batch_size,
+    if args.out.exists() and any(args.out.iterdir()):
+        raise CimlError(f"{args.out} is not empty; choose a new --out (nothing is overwritten)")
+    config = BrainDemoConfig(
+        train_cases=args.train_cases,
+        test_cases=args.test_cases,
         iterations=args.iterations,
-        lr=args.lr,
-        beta=args.beta,
+        patch_size=tuple(args.patch),
+        inference_patch=tuple(args.inference_patch),
+        widths=tuple(args.widths),
+        model=args.model,
         seed=args.seed,
-        validation_samples=args.validation_samples,
-        methods=tuple(args.methods),
         device=args.device,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    results = run_experiment(config, progress=not args.no_progress)
-    table = results_table(results)
-    print()
-    print(table)
-    write_json(results, outputs[0])
-    outputs[1].write_text(f"# ShapeComposition demo\n\n{table}\n")
-    plot_examples(results, outputs[2])
-    print(f"\nwrote {', '.join(str(p) for p in outputs)}")
+    run_brain_demo(args.out, config, progress=not args.no_progress)
+    print(f"\ndemo finished: {args.out}")
     return 0

@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +54,7 @@ from tqdm import tqdm
 
 from ciml.data.cases import Case
 from ciml.errors import CimlError
+from ciml.files import atomic_path, write_text_atomic
 from ciml.tasks.spec import TaskSpec
 
 PLAN_VERSION = 1
@@ -794,7 +793,7 @@ class PreprocessedCache:
         self.root.mkdir(parents=True, exist_ok=True)
         plan_file = self.root / "plan.json"
         if not plan_file.exists():
-            _atomic_write_text(plan_file, json.dumps(self.plan.to_dict(), indent=2))
+            write_text_atomic(plan_file, json.dumps(self.plan.to_dict(), indent=2))
         _atomic_save_npy(self._array(case.case_id, "image"), pre.image)
         if pre.label is not None:
             _atomic_save_npy(self._array(case.case_id, "label"), pre.label)
@@ -805,7 +804,7 @@ class PreprocessedCache:
             "source_stats": _source_stats(case),
             "meta": pre.meta,
         }
-        _atomic_write_text(self._json(case.case_id), json.dumps(record, indent=1))
+        write_text_atomic(self._json(case.case_id), json.dumps(record, indent=1))
 
 
 def _source_stats(case: Case) -> dict[str, list[int]]:
@@ -831,24 +830,6 @@ def _sources_unchanged(recorded: Mapping[str, list[int]], case: Case) -> bool:
     return True
 
 
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = _temporary(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(array))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = _temporary(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as temporary, open(temporary, "wb") as stream:
+        np.save(stream, np.ascontiguousarray(array))

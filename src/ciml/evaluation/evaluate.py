@@ -16,8 +16,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ from ciml.evaluation.metrics import (
     overlap_counts,
     per_region,
 )
+from ciml.files import write_text_atomic
 from ciml.tasks import TaskSpec, load_task
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -98,8 +97,8 @@ def nifti_files(folder: str | Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         case_id = _case_id(path)
-        if case_id is None or not path.is_file():
-            continue
+        if case_id is None or not path.is_file() or path.name.startswith("."):
+            continue  # hidden: a temporary file left by a killed writer
         if case_id in found:
             raise EvaluationError(
                 f"{folder}: case {case_id!r} has two files: {found[case_id].name} and {path.name}"
@@ -344,9 +343,9 @@ class EvaluationResult:
         """Write the JSON (and CSV) atomically; existing files are kept unless ``overwrite``."""
         paths = [Path(json_path)] + ([Path(csv_path)] if csv_path is not None else [])
         check_outputs(paths, overwrite)
-        write_atomic(paths[0], json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        write_text_atomic(paths[0], json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
         if csv_path is not None:
-            write_atomic(paths[1], self.to_csv())
+            write_text_atomic(paths[1], self.to_csv())
 
 
 def _num(value: float) -> str:
@@ -370,19 +369,6 @@ def check_outputs(paths: Iterable[str | Path], overwrite: bool = False) -> None:
         raise EvaluationError(
             f"{', '.join(existing)}: already exists (pass --overwrite / overwrite=True to replace)"
         )
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file next to ``path``, then rename it over ``path`` (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def evaluate_folders(

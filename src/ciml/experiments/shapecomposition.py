@@ -9,9 +9,6 @@ inside shapes both show) and the *silence* of messages into self-sufficient segm
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +22,7 @@ from torch import nn
 
 from ciml.data.shapecomposition import SelectivityMeter, composite_dice, make_batch, validate_spec
 from ciml.errors import CimlError
+from ciml.files import atomic_path, write_json_atomic
 from ciml.models import CIMLNet, build_model
 from ciml.tasks import TaskSpec, load_task
 from ciml.training import Batch, TrainConfig, Trainer
@@ -199,11 +197,7 @@ def run_experiment(
 
 def write_json(data: dict[str, Any], path: Path) -> None:
     """Write ``data`` as JSON atomically (keys starting with '_' are in-memory only and skipped)."""
-    public = {k: v for k, v in data.items() if not k.startswith("_")}
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
-        json.dump(public, stream, indent=2, default=float)
-    os.replace(temporary, path)
+    write_json_atomic(path, {k: v for k, v in data.items() if not k.startswith("_")})
 
 
 def results_table(results: dict[str, Any]) -> str:
@@ -270,11 +264,9 @@ def plot_examples(results: dict[str, Any], path: Path, samples: int = 3) -> None
             if row == 0:
                 ax.set_title(title, fontsize=8)
     figure.tight_layout()
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(handle)
-    figure.savefig(temporary, dpi=110)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=110)
     plt.close(figure)
-    os.replace(temporary, path)
 
 
 def _middle_slice(volume: np.ndarray) -> np.ndarray:

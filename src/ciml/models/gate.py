@@ -58,6 +58,9 @@ class InformationGate(nn.Module):
         channels: feature channels of sender and receiver at this level.
         spatial_dims: 2 or 3.
         attention_channels: hidden channels of the attention branch psi (default: channels // 2, >= 4).
+            psi is a per-voxel two-layer 1x1 network, as in Attention U-Net's gates: the encoder
+            features it reads already carry spatial context, and a 3x3 kernel made the gates cost more
+            than the segmentors themselves.
         momentum: update rate of the running prior statistics, as BatchNorm's.
     """
 
@@ -68,7 +71,7 @@ class InformationGate(nn.Module):
         hidden = attention_channels or max(4, channels // 2)
         self.value = conv(spatial_dims, channels, channels)
         self.attention = nn.Sequential(
-            conv(spatial_dims, 2 * channels, hidden, kernel_size=3),
+            conv(spatial_dims, 2 * channels, hidden),
             nn.LeakyReLU(0.01, inplace=True),
             conv(spatial_dims, hidden, 1),
         )

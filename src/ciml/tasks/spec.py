@@ -24,7 +24,8 @@ from ciml.errors import CimlError
 
 MODALITY_TYPES = ("mri", "ct", "pet", "synthetic")
 _REQUIRED_KEYS = ("name", "modalities", "regions", "decomposition", "assembly")
-_OPTIONAL_KEYS = ("fallback_owners", "description")
+_OPTIONAL_KEYS = ("fallback_owners", "description", "training")
+_TRAINING_KEYS = {"patch_size": int, "batch_size": int, "widths": int, "target_spacing": float}
 
 
 class TaskSpecError(CimlError, ValueError):
@@ -50,6 +51,7 @@ class TaskSpec:
         decomposition: primary modality -> regions its segmentor owns.
         assembly: painting order that turns regions back into a label map; later steps override.
         fallback_owners: region -> modalities whose segmentors may stand in when every owner is missing.
+        training: default training sizes for this dataset (patch_size, batch_size, widths, target_spacing).
     """
 
     name: str
@@ -58,6 +60,7 @@ class TaskSpec:
     decomposition: dict[str, tuple[str, ...]]
     assembly: tuple[AssemblyStep, ...]
     fallback_owners: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
 
     @property
     def modality_names(self) -> tuple[str, ...]:
@@ -89,6 +92,8 @@ class TaskSpec:
         }
         if self.fallback_owners:
             out["fallback_owners"] = {k: list(v) for k, v in self.fallback_owners.items()}
+        if self.training:
+            out["training"] = dict(self.training)
         return out
 
     @classmethod
@@ -127,7 +132,8 @@ def _parse(data: Mapping[str, Any], source: str) -> TaskSpec:
     decomposition = _parse_decomposition(data["decomposition"], modalities, regions, source)
     assembly = _parse_assembly(data["assembly"], regions, source)
     fallback = _parse_fallback(data.get("fallback_owners") or {}, modalities, regions, source)
-    spec = TaskSpec(str(data["name"]), modalities, regions, decomposition, assembly, fallback)
+    training = _parse_training(data.get("training") or {}, source)
+    spec = TaskSpec(str(data["name"]), modalities, regions, decomposition, assembly, fallback, training)
     _check_assembly_round_trip(spec, source)
     return spec
 
@@ -239,6 +245,23 @@ def _parse_fallback(
             if m not in modalities:
                 raise _fail(source, key, f"unknown modality {m!r}")
         out[str(region)] = tuple(mods)
+    return out
+
+
+def _parse_training(raw: Any, source: str) -> dict[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise _fail(source, "training", f"must map {', '.join(_TRAINING_KEYS)} to values")
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in _TRAINING_KEYS:
+            raise _fail(source, f"training.{key}", f"unknown setting (allowed: {', '.join(_TRAINING_KEYS)})")
+        kind = _TRAINING_KEYS[key]
+        values = value if isinstance(value, list) else [value]
+        if not values or any(isinstance(v, bool) or not isinstance(v, int | float) or v <= 0 for v in values):
+            raise _fail(source, f"training.{key}", f"must be positive numbers, got {value!r}")
+        if kind is int and any(not isinstance(v, int) for v in values):
+            raise _fail(source, f"training.{key}", f"must be whole numbers, got {value!r}")
+        out[str(key)] = [kind(v) for v in values] if isinstance(value, list) else kind(value)
     return out
 
 

@@ -6,6 +6,8 @@ the uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -14,9 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from ciml.devices import resolve_device
 from ciml.errors import CimlError
 from ciml.losses import CIMLLoss
 from ciml.training.checkpoint import load_checkpoint, save_checkpoint
@@ -24,10 +28,14 @@ from ciml.training.checkpoint import load_checkpoint, save_checkpoint
 
 @dataclass
 class Batch:
-    """Images [B, M, *spatial] (modality order of the task) and binary region targets [B, R, *spatial]."""
+    """Images [B, M, *spatial] (modality order of the task) and binary region targets [B, R, *spatial].
+
+    ``present`` names the modalities this batch may use (None: all), for missing-modality training.
+    """
 
     image: torch.Tensor
     target: torch.Tensor
+    present: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -41,6 +49,9 @@ class TrainConfig:
         beta: weight of the KL term; a model with a fixed beta (ciml-beta0) overrides it.
         grad_clip: gradient-norm clip (nnU-Net: 12).
         validate_every: iterations between validations (0: only at the end).
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        amp: bf16 autocast on CUDA (ignored on CPU).
+        compile: wrap the network in torch.compile.
     """
 
     iterations: int = 600
@@ -53,16 +64,8 @@ class TrainConfig:
     validate_every: int = 0
     region_names: list[str] = field(default_factory=list)
     device: str = "auto"
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available; an unavailable device is a clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CimlError("--device cuda was asked for, but no CUDA device is available")
-    return device
+    amp: bool = True
+    compile: bool = False
 
 
 def poly_lr(iteration: int, total: int, exponent: float = 0.9) -> float:
@@ -80,6 +83,9 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     raise CimlError(f"unknown optimizer {config.optimizer!r}; choose adamw or sgd")
 
 
+StepCallback = Callable[["Trainer", dict[str, float]], None]
+
+
 class Trainer:
     """Trains one model on batches from ``batch_at(iteration)``.
 
@@ -88,6 +94,7 @@ class Trainer:
         config: the run's settings; ``config.region_names`` orders the target channels.
         batch_at: returns the training batch of an iteration (deterministic in the iteration number).
         validate: optional callable(model) -> dict of validation metrics (called in eval mode).
+        distributed: wrap the network in DistributedDataParallel (the process group must exist).
     """
 
     def __init__(
@@ -96,6 +103,7 @@ class Trainer:
         config: TrainConfig,
         batch_at: Callable[[int], Batch],
         validate: Callable[[nn.Module], dict[str, float]] | None = None,
+        distributed: bool = False,
     ) -> None:
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
@@ -109,21 +117,50 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda it: poly_lr(it, config.iterations)
         )
+        self.network = self._wrap(model, distributed)
         self.iteration = 0
+        self.best_metric = -math.inf
         self.history: list[dict[str, float]] = []
+
+    def _wrap(self, model: nn.Module, distributed: bool) -> nn.Module:
+        """The callable used for training steps: optionally compiled, optionally DDP-wrapped."""
+        network = model
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        if self.config.compile:
+            network = torch.compile(network)
+        if distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # segmentors of modalities a batch drops get no gradient: let DDP expect that
+            network = nn.parallel.DistributedDataParallel(
+                network, device_ids=ids, find_unused_parameters=True
+            )
+        return network
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.config.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def step(self, batch: Batch) -> dict[str, float]:
         """One optimizer step; returns the logged loss terms."""
-        self.model.train()
+        self.network.train()
         self.optimizer.zero_grad(set_to_none=True)
         image, target = batch.image.to(self.device), batch.target.to(self.device)
-        terms = self.loss(self.model(image), target)
+        with self._autocast():
+            output = (
+                self.network(image) if batch.present is None else self.network(image, present=batch.present)
+            )
+        terms = self.loss(output, target)
         terms.total.backward()
         nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.iteration += 1
-        return {"iteration": self.iteration, "lr": self.scheduler.get_last_lr()[0], **terms.as_dict()}
+        record = {"iteration": self.iteration, "lr": self.scheduler.get_last_lr()[0], **terms.as_dict()}
+        if batch.present is not None:
+            record["present"] = ",".join(batch.present)
+        return record
 
     def fit(
         self,
@@ -131,8 +168,12 @@ class Trainer:
         progress: bool = True,
         checkpoint: str | Path | None = None,
         desc: str = "train",
+        callbacks: Iterable[StepCallback] = (),
     ) -> list[dict[str, float]]:
-        """Train up to iteration ``until`` (default: the configured total), checkpointing at the end."""
+        """Train up to iteration ``until`` (default: the configured total).
+
+        After each step every callback gets (trainer, record); ``checkpoint`` is written at the end.
+        """
         until = self.config.iterations if until is None else min(until, self.config.iterations)
         started = time.perf_counter()
         bar = tqdm(total=until, initial=self.iteration, desc=desc, disable=not progress, dynamic_ncols=True)
@@ -140,20 +181,23 @@ class Trainer:
             record = self.step(self.batch_at(self.iteration))
             if self._due_for_validation():
                 record.update({f"val/{k}": v for k, v in self.run_validation().items()})
+                record["seconds"] = round(time.perf_counter() - started, 2)
             self.history.append(record)
+            for callback in callbacks:
+                callback(self, record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", kl=f"{record['kl']:.2f}", lr=f"{record['lr']:.1e}")
             bar.update(1)
         bar.close()
         self.elapsed = time.perf_counter() - started
         if checkpoint is not None:
-            save_checkpoint(self.state_dict(), checkpoint)
+            self.save(checkpoint)
         return self.history
 
     def run_validation(self) -> dict[str, float]:
         if self.validate is None:
             return {}
         self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             return self.validate(self.model)
 
     def _due_for_validation(self) -> bool:
@@ -162,29 +206,50 @@ class Trainer:
             (every and self.iteration % every == 0) or self.iteration == self.config.iterations
         )
 
+    def save(self, path: str | Path) -> Path:
+        return save_checkpoint(self.state_dict(), path)
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: weights, optimizer, schedule, RNG, iteration."""
-        return {
+        state = {
             "model": self.model.state_dict(),
             "config": self.model.config,
             "train_config": asdict(self.config),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "iteration": self.iteration,
+            "best_metric": self.best_metric,
             "torch_rng": torch.get_rng_state(),
             "history": self.history,
         }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["config"] != self.model.config:
+            raise CimlError("the checkpoint was made for another model or task than this run's")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.iteration = int(state["iteration"])
+        self.best_metric = float(state.get("best_metric", -math.inf))
         torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.history = list(state.get("history", []))
 
     def resume(self, path: str | Path) -> None:
-        self.load_state_dict(load_checkpoint(path))
+        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+
+    def parameter_checksums(self) -> list[float]:
+        """Sum of all parameters on every rank (one entry without DDP): equal entries mean ranks agree."""
+        local = torch.stack([p.detach().double().sum() for p in self.model.parameters()]).sum().reshape(1)
+        if not (dist.is_available() and dist.is_initialized()):
+            return [float(local)]
+        gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, local.to(self.device) if dist.get_backend() == "nccl" else local.cpu())
+        return [float(g) for g in gathered]
 
 
 def dice_per_sample(prediction: np.ndarray, reference: np.ndarray) -> np.ndarray:

@@ -16,8 +16,6 @@ Example:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ import torch
 from torch import nn
 
 from ciml.errors import CimlError
+from ciml.files import write_json_atomic
 from ciml.models import model_from_config
 from ciml.tasks import TaskSpec
 from ciml.training.checkpoint import load_checkpoint
@@ -32,19 +31,6 @@ from ciml.training.checkpoint import load_checkpoint
 RUN_FILE = "run.json"
 SPLITS_FILE = "splits_final.json"
 CHECKPOINTS = ("last", "best")
-
-
-def write_json_atomic(data: Any, path: Path) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(data, stream, indent=2)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 class RunFolder:
@@ -79,7 +65,7 @@ class RunFolder:
         return sorted(found)
 
     def write_info(self, info: dict[str, Any]) -> None:
-        write_json_atomic(info, self.info_path)
+        write_json_atomic(self.info_path, info)
 
     def read_info(self) -> dict[str, Any]:
         if not self.info_path.is_file():

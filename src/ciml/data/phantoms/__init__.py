@@ -17,8 +17,6 @@ Example:
 from __future__ import annotations
 
 import importlib
-import os
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from ciml.errors import CimlError
+from ciml.files import atomic_path
 
 __all__ = [
     "PHANTOMS",
@@ -213,12 +212,8 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm", "sec")
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex[:12]}-{path.name}"
-    try:
-        nib.save(image, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as temporary:
+        nib.save(image, str(temporary))
     return path
 
 

@@ -1,4 +1,4 @@
-"""The demo end to end at toy size: table, results.json, figure, and no silent overwrite."""
+"""`ciml shapes` end to end at toy size: table, results.json, figure, and no silent overwrite."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ TINY = [
 ]  # fmt: skip
 
 
-def test_demo_writes_table_json_and_figure(tmp_path, capsys) -> None:
+def test_shapes_writes_table_json_and_figure(tmp_path, capsys) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), *TINY]) == 0
+    assert main(["shapes", "--out", str(out), *TINY]) == 0
     printed = capsys.readouterr().out
     for method in ("ciml", "ciml-beta0", "joint", "ensemble", "unimodal m0", "unimodal m1"):
         assert f"| {method}" in printed
@@ -34,17 +34,17 @@ def test_demo_writes_table_json_and_figure(tmp_path, capsys) -> None:
     assert figure.std() > 10  # an actual picture, not a blank canvas
 
 
-def test_demo_refuses_to_overwrite_without_flag(tmp_path, capsys) -> None:
+def test_shapes_refuses_to_overwrite_without_flag(tmp_path, capsys) -> None:
     out = tmp_path / "demo"
     out.mkdir()
     (out / "results.json").write_text("{}")
-    assert main(["demo", "--out", str(out), *TINY]) == 1
+    assert main(["shapes", "--out", str(out), *TINY]) == 1
     assert "already exists" in capsys.readouterr().err
     assert (out / "results.json").read_text() == "{}"
 
 
-def test_demo_rejects_a_task_that_is_not_shapecomposition(tmp_path, capsys) -> None:
-    assert main(["demo", "--out", str(tmp_path / "x"), "--task", "brats2020", *TINY]) == 1
+def test_shapes_rejects_a_task_that_is_not_shapecomposition(tmp_path, capsys) -> None:
+    assert main(["shapes", "--out", str(tmp_path / "x"), "--task", "brats2020", *TINY]) == 1
     assert "brats2020" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["demo", "--methods", "nonsense"])
+        main(["shapes", "--methods", "nonsense"])

@@ -1,0 +1,29 @@
+"""Inference: sliding-window prediction of new cases (any modality subset), written on the input's grid."""
+
+from ciml.inference.predict import (
+    CaseResult,
+    InferenceSettings,
+    Predictor,
+    output_paths,
+    predict_case,
+    predict_cases,
+    predict_files,
+    predict_folder,
+    resolve_device,
+)
+from ciml.inference.sliding import mirror_axes_combinations, mirrored_average, sliding_window_probabilities
+
+__all__ = [
+    "CaseResult",
+    "InferenceSettings",
+    "Predictor",
+    "mirror_axes_combinations",
+    "mirrored_average",
+    "output_paths",
+    "predict_case",
+    "predict_cases",
+    "predict_files",
+    "predict_folder",
+    "resolve_device",
+    "sliding_window_probabilities",
+]

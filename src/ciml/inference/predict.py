@@ -1,0 +1,475 @@
+"""Predict label maps for new cases with a trained run (``ciml predict``).
+
+For each case: the run's own preprocessing (the plan in ``run.json``), sliding-window inference with
+Gaussian weighting and optional mirroring TTA (:mod:`ciml.inference.sliding`), the mean of the region
+probabilities over the run's folds, the inversion back onto the input's own grid, and a label map in the
+dataset's label values (regions with probability > 0.5, painted in the spec's assembly order), written
+with the input's affine and header (:mod:`ciml.inference.writing`).
+
+**Missing modalities.** A CIML run predicts from any non-empty subset of its modalities: the missing
+modalities' segmentors are skipped and their messages sit at the gates' "no information" state
+(DESIGN section 4), and their files are never read. A region whose owning segmentors are all missing is
+not predictable; prediction then stops with a message naming it and its owners instead of inventing a
+mask. Limitation: the spec's ``fallback_owners`` cannot be honoured yet, because a CIML segmentor has no
+output for regions it does not own; such subsets fail the same way. Networks on stacked modalities (joint,
+segresnet) need every modality and say so.
+
+Example:
+    >>> results = predict_folder("runs/brats", "BraTS2020_ValidationData", "preds")  # doctest: +SKIP
+    >>> predictor = Predictor.from_run("runs/brats", InferenceSettings(tta=True))  # doctest: +SKIP
+    >>> predict_case(predictor, case, "preds", modalities=["flair", "t1ce"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ciml.data.cases import Case
+from ciml.data.io import strip_image_suffix
+from ciml.data.layouts import read_dataset
+from ciml.data.preprocessing import PreprocessingPlan, invert_to_original, preprocess_case
+from ciml.devices import resolve_device
+from ciml.errors import CimlError
+from ciml.inference.sliding import DEFAULT_STEP, check_step, sliding_window_probabilities
+from ciml.inference.writing import (
+    LABEL_SUFFIX,
+    PROBABILITIES_SUFFIX,
+    reference_nifti,
+    write_label_map,
+    write_probabilities,
+)
+from ciml.models import CIMLNet, size_divisor
+from ciml.tasks import TaskSpec
+from ciml.training.run import CHECKPOINTS, RunFolder
+
+DEVICES = ("auto", "cpu", "cuda")
+THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How a run's networks are applied (what ``ciml predict`` and ``ciml robustness`` share).
+
+    Attributes:
+        checkpoint: ``last`` or ``best`` checkpoint of each fold.
+        folds: folds to ensemble; None: every fold that has a checkpoint.
+        tta: average over every mirroring of each tile (8x the work in 3D).
+        step: tile step as a fraction of the patch size (nnU-Net's 0.5).
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        sw_batch_size: tiles per forward pass.
+        patch_size: tile size (default: the run's training patch). A larger tile than the training
+            patch is fine for these fully convolutional networks and saves overlap work on a CPU.
+    """
+
+    checkpoint: str = "last"
+    folds: tuple[int, ...] | None = None
+    tta: bool = False
+    step: float = DEFAULT_STEP
+    device: str = "auto"
+    sw_batch_size: int = 1
+    patch_size: tuple[int, int, int] | None = None
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """What predicting one case did.
+
+    Attributes:
+        case_id: the case.
+        outputs: the files it has in the output folder (label map first).
+        seconds: wall time spent on it (0 when skipped).
+        skipped: its outputs existed already and were kept.
+    """
+
+    case_id: str
+    outputs: tuple[Path, ...]
+    seconds: float
+    skipped: bool = False
+
+
+def _patch_size(info: Mapping, run: RunFolder, divisor: int) -> tuple[int, int, int]:
+    value = info.get("patch_size")
+    try:
+        patch = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        patch = ()
+    if len(patch) != 3 or any(p <= 0 or p % divisor for p in patch):
+        raise CimlError(
+            f"{run.info_path}: 'patch_size' must be 3 positive integers divisible by {divisor}, got {value!r}"
+        )
+    return patch  # type: ignore[return-value]
+
+
+class Predictor:
+    """A run's fold networks with its task spec, preprocessing plan and patch size, ready for any case.
+
+    Build it with :meth:`from_run`; it loads every fold once, so predicting many cases (or many modality
+    subsets of one case) costs no reloading.
+    """
+
+    def __init__(
+        self,
+        spec: TaskSpec,
+        plan: PreprocessingPlan,
+        models: Sequence[nn.Module],
+        patch_size: Sequence[int],
+        settings: InferenceSettings | None = None,
+    ) -> None:
+        if not models:
+            raise CimlError("a predictor needs at least one network")
+        self.spec, self.plan, self.models = spec, plan, list(models)
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.settings = settings or InferenceSettings()
+        check_step(self.settings.step)
+        self.device = resolve_device(self.settings.device)
+        for model in self.models:
+            model.to(self.device).eval()
+
+    @classmethod
+    def from_run(cls, run: RunFolder | str | Path, settings: InferenceSettings | None = None) -> Predictor:
+        """Load a run folder's folds (all found, or ``settings.folds``) on ``settings.device``.
+
+        Raises:
+            CimlError: not a run folder, no trained fold, a missing or mismatched checkpoint, a run.json
+                without a preprocessing plan or a valid patch size, or a 2D run.
+        """
+        run = run if isinstance(run, RunFolder) else RunFolder(run)
+        settings = settings or InferenceSettings()
+        info = run.read_info()
+        spec = run.spec()
+        if "preprocessing" not in info:
+            raise CimlError(f"{run.info_path}: missing 'preprocessing' (the plan inference must repeat)")
+        plan = PreprocessingPlan.from_dict(info["preprocessing"], source=f"{run.info_path}: preprocessing")
+        if settings.checkpoint not in CHECKPOINTS:
+            raise CimlError(
+                f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, got {settings.checkpoint!r}"
+            )
+        folds = list(dict.fromkeys(settings.folds)) if settings.folds else run.folds()
+        if not folds:
+            raise CimlError(f"{run.path}: no trained fold (no fold_K/checkpoint_last.pt)")
+        device = resolve_device(settings.device)
+        models = [run.load_model(fold, settings.checkpoint, map_location=device)[0] for fold in folds]
+        if models[0].config["spatial_dims"] != 3:
+            raise CimlError(
+                f"{run.info_path}: a {models[0].config['spatial_dims']}D model; "
+                "prediction on volumes needs a 3D run"
+            )
+        if settings.patch_size is not None:
+            info = {**info, "patch_size": list(settings.patch_size)}
+        patch = _patch_size(info, run, size_divisor(models[0]))
+        return cls(spec, plan, models, patch, settings)
+
+    # ------------------------------------------------------------------------------- modality subsets
+
+    def present_modalities(self, modalities: Iterable[str] | None = None) -> tuple[str, ...]:
+        """The given modalities in the spec's channel order (all when None), validated."""
+        names = self.spec.modality_names
+        if modalities is None:
+            return names
+        given = [str(m) for m in modalities]
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise CimlError(
+                f"--modalities: unknown {', '.join(unknown)}; task {self.spec.name} has {', '.join(names)}"
+            )
+        if not given:
+            raise CimlError(f"--modalities: name at least one of {', '.join(names)}")
+        return tuple(m for m in names if m in given)
+
+    def region_owners(self) -> dict[str, tuple[str, ...]]:
+        """Region -> modalities whose segmentors predict it in this run's network.
+
+        The network's own decomposition counts (an ensemble run's segmentors own every region); networks
+        on stacked modalities need all of them together.
+        """
+        model = self.models[0]
+        if isinstance(model, CIMLNet):
+            return {
+                r: tuple(m for m in model.modalities if r in model.owned[m]) for r in self.spec.region_names
+            }
+        return {r: self.spec.modality_names for r in self.spec.region_names}
+
+    def unpredictable_regions(self, present: Iterable[str]) -> dict[str, tuple[str, ...]]:
+        """Region -> its owners, for each region none of whose owners is present."""
+        present = set(present)
+        return {r: owners for r, owners in self.region_owners().items() if not present & set(owners)}
+
+    def missing_modality_error(self, present: Sequence[str]) -> CimlError | None:
+        """Why this run's network cannot run on ``present`` at all (None when it can)."""
+        if set(present) == set(self.spec.modality_names) or isinstance(self.models[0], CIMLNet):
+            return None
+        model = self.models[0]
+        probe = torch.zeros((1, len(self.spec.modality_names), 1, 1, 1), device=self.device)
+        try:  # stacked-modality networks check ``present`` before touching the input: their own message
+            with torch.inference_mode():
+                model(probe, present=tuple(present))
+        except CimlError as exc:
+            return exc
+        except Exception:  # the probe input is not meant to be computable
+            pass
+        return CimlError(f"the {model.config['name']} model cannot run with missing modalities")
+
+    def check(self, present: Sequence[str]) -> None:
+        """Raise unless ``present`` gives a full label map (network runs on it, every region predictable)."""
+        error = self.missing_modality_error(present)
+        if error is not None:
+            raise error
+        unpredictable = self.unpredictable_regions(present)
+        if not unpredictable:
+            return
+        missing = [m for m in self.spec.modality_names if m not in present]
+        details = "; ".join(f"{r} (owners {', '.join(o)}: all missing)" for r, o in unpredictable.items())
+        fallback = [r for r in unpredictable if set(self.spec.fallback_owners.get(r, ())) & set(present)]
+        note = (
+            f" The spec names present fallback owners for {', '.join(fallback)}, but a CIML segmentor cannot "
+            "yet predict a region it does not own."
+            if fallback
+            else ""
+        )
+        raise CimlError(
+            f"without {', '.join(missing)} these regions are not predictable: {details}. ciml does not "
+            "invent masks; give --modalities that include an owner of every region, or run "
+            f"`ciml robustness` to score the regions that are predictable.{note}"
+        )
+
+    # ------------------------------------------------------------------------------------ prediction
+
+    def probabilities(
+        self, image: np.ndarray, present: Iterable[str] | None = None, *, partial: bool = False
+    ) -> np.ndarray:
+        """Fold-averaged region probabilities ``[R, *spatial]`` (float32) of a preprocessed image.
+
+        Args:
+            image: ``[M, *spatial]`` on the plan's grid; channels of absent modalities are ignored (zeroed).
+            present: available modalities (default: all).
+            partial: allow unpredictable regions and return them as NaN (``ciml robustness``); otherwise
+                they raise, as does a network that cannot run on ``present``.
+        """
+        present = self.present_modalities(present)
+        if partial:
+            error = self.missing_modality_error(present)
+            if error is not None:
+                raise error
+        else:
+            self.check(present)
+        unpredictable = self.unpredictable_regions(present)
+        regions = [r for r in self.spec.region_names if r not in unpredictable]
+        out = np.full((len(self.spec.region_names), *image.shape[1:]), np.nan, dtype=np.float32)
+        if not regions:
+            return out
+        x = torch.from_numpy(np.array(image, dtype=np.float32, copy=True))[None]
+        for i, m in enumerate(self.spec.modality_names):
+            if m not in present:
+                x[:, i] = 0.0  # never seen by a CIML network (its encoder is skipped); zeros make that plain
+        x = x.to(self.device)
+        full = len(present) == len(self.spec.modality_names)
+        total = None
+        for model in self.models:
+            p = sliding_window_probabilities(
+                model,
+                x,
+                regions,
+                self.patch_size,
+                present=None if full else present,
+                step=self.settings.step,
+                tta=self.settings.tta,
+                device=self.device,
+                sw_batch_size=self.settings.sw_batch_size,
+            )
+            total = p if total is None else total + p
+        mean = (total / len(self.models))[0].cpu().numpy()
+        index = [self.spec.region_names.index(r) for r in regions]
+        out[index] = mean
+        return out
+
+
+# ------------------------------------------------------------------------------------------ per case
+
+
+def output_paths(output_dir: str | Path, case_id: str) -> tuple[Path, Path]:
+    """``<case_id>.nii.gz`` and ``<case_id>_probabilities.nii.gz`` in ``output_dir``."""
+    if not case_id or Path(case_id).name != case_id or case_id.startswith("."):
+        raise CimlError(f"case id {case_id!r} cannot name an output file")
+    folder = Path(output_dir)
+    return folder / f"{case_id}{LABEL_SUFFIX}", folder / f"{case_id}{PROBABILITIES_SUFFIX}"
+
+
+def _restricted(case: Case, present: Sequence[str]) -> Case:
+    """The case with only the present modalities' files and no label (prediction reads nothing else)."""
+    lacking = [m for m in present if m not in case.images]
+    if lacking:
+        raise CimlError(
+            f"case {case.case_id}: no file for modality {', '.join(lacking)} "
+            f"(has {', '.join(case.images) or 'none'}); leave it out with --modalities"
+        )
+    return dataclasses.replace(case, images={m: case.images[m] for m in present}, label=None)
+
+
+def predict_case(
+    predictor: Predictor,
+    case: Case,
+    output_dir: str | Path,
+    *,
+    modalities: Iterable[str] | None = None,
+    save_probabilities: bool = False,
+    overwrite: bool = False,
+) -> CaseResult:
+    """Predict one case and write ``<case_id>.nii.gz`` (and its probabilities) into ``output_dir``.
+
+    Outputs that exist are kept unless ``overwrite``; a case whose outputs all exist is skipped. The label
+    map is written last, so its presence marks a finished case.
+
+    Raises:
+        CimlError: unreadable inputs, a modality subset the run cannot predict every region from, or a
+            case id that cannot name a file.
+    """
+    start = time.perf_counter()
+    spec = predictor.spec
+    present = predictor.present_modalities(modalities)
+    predictor.check(present)
+    label_path, probabilities_path = output_paths(output_dir, case.case_id)
+    wanted = [label_path] + ([probabilities_path] if save_probabilities else [])
+    todo = [p for p in wanted if overwrite or not p.exists()]
+    if not todo:
+        return CaseResult(case.case_id, tuple(wanted), 0.0, skipped=True)
+    pre = preprocess_case(
+        _restricted(case, present), spec, predictor.plan, allow_missing=len(present) < len(spec.modalities)
+    )
+    probabilities = invert_to_original(predictor.probabilities(pre.image, present), pre.meta, mode="linear")
+    reference = reference_nifti(case.images[pre.meta["reference_modality"]])
+    affine = np.asarray(pre.meta["original_affine"], dtype=np.float64)
+    if probabilities_path in todo:
+        write_probabilities(probabilities, probabilities_path, affine, reference)
+    if label_path in todo:
+        write_label_map(spec.regions_to_labels(probabilities > THRESHOLD), label_path, affine, reference)
+    return CaseResult(case.case_id, tuple(wanted), time.perf_counter() - start)
+
+
+def predict_cases(
+    predictor: Predictor,
+    cases: Sequence[Case],
+    output_dir: str | Path,
+    *,
+    modalities: Iterable[str] | None = None,
+    save_probabilities: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[CaseResult]:
+    """Predict every case into ``output_dir`` (created if needed), printing each case's time."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CimlError(f"{output_dir}: exists and is not a folder")
+    present = predictor.present_modalities(modalities)
+    predictor.check(present)  # fail before the first case, not after it
+    for case in cases:
+        output_paths(output_dir, case.case_id)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    bar = tqdm(cases, desc="predict", unit="case", disable=not progress)
+    for case in bar:
+        result = predict_case(
+            predictor,
+            case,
+            output_dir,
+            modalities=present,
+            save_probabilities=save_probabilities,
+            overwrite=overwrite,
+        )
+        results.append(result)
+        if progress:
+            done = (
+                "skipped (outputs exist; --overwrite replaces them)"
+                if result.skipped
+                else f"{result.seconds:.1f} s"
+            )
+            bar.write(f"{case.case_id}: {done}")
+    return results
+
+
+def predict_folder(
+    run: RunFolder | str | Path,
+    input_path: str | Path,
+    output_dir: str | Path,
+    *,
+    layout: str = "auto",
+    settings: InferenceSettings | None = None,
+    modalities: Iterable[str] | None = None,
+    save_probabilities: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[CaseResult]:
+    """Predict every case of a dataset folder (or CSV list) in any supported layout.
+
+    Args:
+        run: the run folder (``run.json`` and ``fold_K/checkpoint_*.pt``).
+        input_path: cases in a layout :func:`~ciml.data.layouts.read_dataset` reads; labels are ignored.
+        output_dir: where ``<case_id>.nii.gz`` (and ``<case_id>_probabilities.nii.gz``) go.
+        layout: the input's layout, or ``auto``.
+        settings: checkpoint, folds, TTA, step, device.
+        modalities: predict from this subset only (their files alone are read); default: all.
+        save_probabilities: also write float32 region probabilities ``[X, Y, Z, R]``.
+        overwrite: replace existing outputs (default: keep them and skip finished cases).
+        progress: progress bar and per-case times.
+    """
+    run = run if isinstance(run, RunFolder) else RunFolder(run)
+    cases = read_dataset(input_path, run.spec(), layout)
+    predictor = Predictor.from_run(run, settings)
+    return predict_cases(
+        predictor,
+        cases,
+        output_dir,
+        modalities=modalities,
+        save_probabilities=save_probabilities,
+        overwrite=overwrite,
+        progress=progress,
+    )
+
+
+def predict_files(
+    run: RunFolder | str | Path,
+    files: Mapping[str, str | Path],
+    output_dir: str | Path,
+    *,
+    case_id: str | None = None,
+    settings: InferenceSettings | None = None,
+    modalities: Iterable[str] | None = None,
+    save_probabilities: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> CaseResult:
+    """Predict one case given as modality -> file; modalities without a file are treated as missing.
+
+    Args:
+        case_id: names the output (default: the first file's name without its extension).
+        modalities: default: those that have a file.
+    """
+    run = run if isinstance(run, RunFolder) else RunFolder(run)
+    spec = run.spec()
+    unknown = sorted(set(files) - set(spec.modality_names))
+    if unknown or not files:
+        raise CimlError(
+            f"--files: unknown modality {', '.join(unknown) or '(none given)'}; "
+            f"task {spec.name} has {', '.join(spec.modality_names)}"
+        )
+    images = {m: Path(files[m]) for m in spec.modality_names if m in files}
+    case = Case(case_id or strip_image_suffix(next(iter(images.values()))), images)
+    predictor = Predictor.from_run(run, settings)
+    chosen = list(images) if modalities is None else modalities
+    return predict_cases(
+        predictor,
+        [case],
+        output_dir,
+        modalities=chosen,
+        save_probabilities=save_probabilities,
+        overwrite=overwrite,
+        progress=progress,
+    )[0]

@@ -1,0 +1,371 @@
+"""Training on real volumes: dataset -> integrity check -> splits -> preprocessing cache -> patches -> run.
+
+`train(settings)` is what `ciml train` runs. It writes a run folder (:mod:`ciml.training.run`) with a
+5-fold patient-level split, the preprocessing plan, and per fold the last and best checkpoints, a
+JSONL log of every loss term and validation, and ``progress.png``. Runs resume exactly (`resume=True`)
+and scale over GPUs or nodes with PyTorch DDP launched by ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ciml import __version__
+from ciml.data.cases import Case
+from ciml.data.integrity import ensure_dataset_ok
+from ciml.data.layouts import read_dataset
+from ciml.data.preprocessing import PreprocessedCache, PreprocessedCase, PreprocessingPlan, plan_preprocessing
+from ciml.data.sampling import random_mirror, sample_patches
+from ciml.devices import resolve_device
+from ciml.errors import CimlError
+from ciml.files import write_json_atomic
+from ciml.inference.sliding import sliding_window_probabilities
+from ciml.models import CIMLNet, build_model
+from ciml.tasks import TaskSpec, load_task
+from ciml.training.logging import RunLogger
+from ciml.training.loop import Batch, TrainConfig, Trainer, dice_per_sample
+from ciml.training.run import RunFolder
+
+CPU_DEFAULTS = {"patch_size": (64, 64, 64), "batch_size": 2, "widths": (16, 32, 64, 128)}
+KILL_AFTER_VARIABLE = "CIML_TEST_KILL_AFTER_ITERATION"
+GPU_DEFAULTS = {"patch_size": (128, 128, 128), "batch_size": 2, "widths": (32, 64, 128, 256, 320)}
+
+
+@dataclass
+class TrainSettings:
+    """Everything `ciml train` takes. Unset sizes fall back to the task's and then the device's defaults."""
+
+    task: str
+    data: Path
+    out: Path
+    model: str = "ciml"
+    fold: int = 0
+    folds: int = 5
+    iterations: int | None = None
+    epochs: int | None = None
+    iterations_per_epoch: int = 250
+    patch_size: tuple[int, ...] | None = None
+    validation_patch: tuple[int, ...] | None = None
+    batch_size: int | None = None
+    widths: tuple[int, ...] | None = None
+    target_spacing: tuple[float, ...] | None = None
+    beta: float = 1e-3
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    seed: int = 0
+    device: str = "auto"
+    layout: str = "auto"
+    modality_dropout: float = 0.0
+    foreground_fraction: float = 1 / 3
+    validate_every: int | None = None
+    max_validation_cases: int | None = None
+    amp: bool = True
+    compile: bool = False
+    resume: bool = False
+    tensorboard: bool = False
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------- splits
+def make_splits(cases: Sequence[Case], folds: int, seed: int) -> list[dict[str, list[str]]]:
+    """nnU-Net-style k-fold split by patient: studies of one patient never straddle train and val."""
+    patients = sorted({c.patient for c in cases})
+    if len(patients) < 2:
+        raise CimlError(f"need cases from at least 2 patients to split into train/val, found {len(patients)}")
+    folds = min(folds, len(patients))
+    order = np.random.default_rng(seed).permutation(len(patients))
+    fold_of = {patients[i]: rank % folds for rank, i in enumerate(order)}
+    return [
+        {
+            "train": sorted(c.case_id for c in cases if fold_of[c.patient] != k),
+            "val": sorted(c.case_id for c in cases if fold_of[c.patient] == k),
+        }
+        for k in range(folds)
+    ]
+
+
+def _load_or_make_splits(
+    run: RunFolder, cases: Sequence[Case], settings: TrainSettings
+) -> dict[str, list[str]]:
+    if run.splits_path.is_file():
+        splits = json.loads(run.splits_path.read_text())
+    else:
+        splits = make_splits(cases, settings.folds, settings.seed)
+        if _is_main():
+            write_json_atomic(run.splits_path, splits)
+    if not 0 <= settings.fold < len(splits):
+        raise CimlError(f"--fold {settings.fold} not in {run.splits_path} (folds 0..{len(splits) - 1})")
+    split = splits[settings.fold]
+    known = {c.case_id for c in cases}
+    unknown = sorted((set(split["train"]) | set(split["val"])) - known)
+    if unknown:
+        raise CimlError(
+            f"{run.splits_path}: fold {settings.fold} names cases not in the dataset: {unknown[:5]}"
+        )
+    return split
+
+
+# ------------------------------------------------------------------------------------ distributed
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """Join the torchrun process group when launched by it; returns (rank, world size, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, resolve_device(device_name)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+# ---------------------------------------------------------------------------------------- batches
+class PatchStream:
+    """Training batches from preprocessed cases: the batch of an iteration is a function of (seed, it, rank).
+
+    With ``modality_dropout`` > 0 a batch may hide a random proper subset of modalities: CIML skips
+    those segmentors (``Batch.present``); stacked-channel models see those channels zeroed instead.
+    """
+
+    def __init__(
+        self,
+        cases: list[PreprocessedCase],
+        spec: TaskSpec,
+        settings: TrainSettings,
+        rank: int,
+        present_supported: bool,
+    ) -> None:
+        self.pairs = [(c.image, c.regions(spec)) for c in cases]
+        self.spec, self.settings, self.rank = spec, settings, rank
+        self.present_supported = present_supported
+
+    def __call__(self, iteration: int) -> Batch:
+        rng = np.random.default_rng([self.settings.seed, iteration, self.rank])
+        image, target = sample_patches(
+            self.pairs,
+            self.settings.patch_size,
+            self.settings.batch_size,
+            rng,
+            foreground_fraction=self.settings.foreground_fraction,
+            augment=random_mirror,
+        )
+        image_t, target_t = (
+            torch.from_numpy(np.ascontiguousarray(image)),
+            torch.from_numpy(target.astype(np.float32)),
+        )
+        present = self._dropout(rng)
+        if present is not None and not self.present_supported:
+            missing = [i for i, m in enumerate(self.spec.modality_names) if m not in present]
+            image_t[:, missing] = 0.0
+            present = None
+        return Batch(image_t, target_t, present)
+
+    def _dropout(self, rng: np.random.Generator) -> tuple[str, ...] | None:
+        modalities = self.spec.modality_names
+        if (
+            self.settings.modality_dropout <= 0
+            or len(modalities) < 2
+            or rng.random() >= self.settings.modality_dropout
+        ):
+            return None
+        keep = int(rng.integers(1, len(modalities)))
+        return tuple(sorted(rng.choice(modalities, size=keep, replace=False), key=modalities.index))
+
+
+# ------------------------------------------------------------------------------------- validation
+def validation_dice(
+    model: torch.nn.Module,
+    cases: list[PreprocessedCase],
+    spec: TaskSpec,
+    patch_size: Sequence[int],
+    device: torch.device,
+) -> dict[str, float]:
+    """Mean Dice per region over whole validation cases with Gaussian sliding-window inference."""
+    regions = spec.region_names
+    scores: dict[str, list[float]] = {r: [] for r in regions}
+    for case in cases:
+        image = torch.from_numpy(np.array(case.image, dtype=np.float32))[None]
+        probabilities = sliding_window_probabilities(model, image, regions, patch_size, device=device)
+        predicted = (probabilities[0] > 0.5).cpu().numpy()
+        reference = case.regions(spec).astype(bool)
+        for i, region in enumerate(regions):
+            scores[region].append(float(dice_per_sample(predicted[i][None], reference[i][None])[0]))
+    result = {f"dice/{r}": float(np.mean(v)) for r, v in scores.items()}
+    result["dice/mean"] = float(np.mean(list(result.values())))
+    return result
+
+
+# ----------------------------------------------------------------------------------------- train
+def _resolve_sizes(
+    settings: TrainSettings, spec: TaskSpec, device: torch.device, divisor_of
+) -> TrainSettings:
+    defaults = dict(CPU_DEFAULTS)
+    if device.type == "cuda":  # the task's sizes are GPU sizes
+        defaults.update(GPU_DEFAULTS)
+        defaults.update({k: tuple(v) if isinstance(v, list) else v for k, v in spec.training.items()})
+    for key in ("patch_size", "batch_size", "widths", "target_spacing"):
+        if getattr(settings, key) is None:
+            setattr(settings, key, defaults.get(key))
+    settings.patch_size = tuple(int(p) for p in settings.patch_size)
+    divisor = divisor_of(settings.widths)
+    if len(settings.patch_size) != 3 or any(p % divisor for p in settings.patch_size):
+        raise CimlError(f"--patch {settings.patch_size}: need 3 sizes divisible by {divisor} (2^(levels-1))")
+    if settings.iterations is None:
+        settings.iterations = (settings.epochs or 1000) * settings.iterations_per_epoch
+    if settings.validate_every is None:
+        settings.validate_every = settings.iterations_per_epoch
+    if not 0.0 <= settings.modality_dropout < 1.0:
+        raise CimlError(f"--modality-dropout must be in [0, 1), got {settings.modality_dropout}")
+    return settings
+
+
+def _run_info(settings: TrainSettings, spec: TaskSpec, model, plan: PreprocessingPlan) -> dict[str, Any]:
+    return {
+        "ciml_version": __version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "task": spec.to_dict(),
+        "model": model.config,
+        "preprocessing": plan.to_dict(),
+        "patch_size": list(settings.patch_size),
+        "data": {"path": str(settings.data), "layout": settings.layout},
+        "train": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
+                  for k, v in asdict(settings).items() if k not in ("resume", "progress", "extra")},
+    }  # fmt: skip
+
+
+def _check_run_folder(run: RunFolder, settings: TrainSettings) -> None:
+    fold_dir = run.fold_dir(settings.fold)
+    has_checkpoint = run.checkpoint(settings.fold, "last").is_file()
+    if settings.resume and not has_checkpoint:
+        raise CimlError(f"--resume: no checkpoint to resume from in {fold_dir}")
+    if not settings.resume and fold_dir.exists() and any(fold_dir.iterdir()):
+        raise CimlError(
+            f"{fold_dir} already holds a training run; pass --resume to continue it or choose another --out"
+        )
+
+
+def train(settings: TrainSettings) -> RunFolder:
+    """Train one fold; returns the run folder. See the module docstring for what it writes."""
+    rank, world, device = _init_distributed(settings.device)
+    spec = load_task(settings.task)
+    run = RunFolder(settings.out)
+    _check_run_folder(run, settings)
+    cases = read_dataset(settings.data, spec, settings.layout)
+    ensure_dataset_ok(
+        cases, spec, source=settings.data, require_labels=True, progress=settings.progress and rank == 0
+    )
+    settings = _resolve_sizes(settings, spec, device, lambda widths: 2 ** (len(widths) - 1))
+    split = _load_or_make_splits(run, cases, settings)
+    by_id = {c.case_id: c for c in cases}
+
+    torch.manual_seed(settings.seed)
+    model = build_model(settings.model, spec, widths=settings.widths, spatial_dims=3)
+    plan = _load_or_make_plan(run, cases, spec, settings)
+    cache = PreprocessedCache(run.path / "preprocessed", spec, plan)
+    if rank == 0:
+        cache.prepare([by_id[i] for i in split["train"] + split["val"]], progress=settings.progress)
+        info = _run_info(settings, spec, model, plan)
+        if run.info_path.is_file():
+            _check_compatible(run, info)
+        else:
+            run.write_info(info)
+    if world > 1:
+        dist.barrier()
+    train_cases = [cache.load(i) for i in split["train"]]
+    val_cases = [cache.load(i) for i in split["val"]][: settings.max_validation_cases]
+
+    config = TrainConfig(
+        iterations=settings.iterations,
+        optimizer=settings.optimizer,
+        lr=settings.lr,
+        beta=settings.beta,
+        seed=settings.seed,
+        validate_every=settings.validate_every,
+        region_names=list(spec.region_names),
+        device=str(device),
+        amp=settings.amp,
+        compile=settings.compile,
+    )
+    stream = PatchStream(train_cases, spec, settings, rank, present_supported=isinstance(model, CIMLNet))
+
+    def validate(network: torch.nn.Module) -> dict[str, float]:
+        tile = settings.validation_patch or settings.patch_size
+        return validation_dice(network, val_cases, spec, tile, device) if val_cases else {}
+
+    trainer = Trainer(model, config, stream, validate if rank == 0 else None, distributed=world > 1)
+    fold_dir = run.fold_dir(settings.fold)
+    logger = RunLogger(fold_dir, enabled=rank == 0, tensorboard=settings.tensorboard)
+    if settings.resume:
+        trainer.resume(run.checkpoint(settings.fold, "last"))
+        logger.truncate_after(trainer.iteration)
+    checkpoint_every = max(1, min(settings.validate_every, 50))
+    callbacks = [logger.on_step, _checkpointer(run, settings.fold, checkpoint_every, rank)]
+    if KILL_AFTER_VARIABLE in os.environ:
+        callbacks.append(_kill_after(int(os.environ[KILL_AFTER_VARIABLE])))
+    trainer.fit(
+        progress=settings.progress and rank == 0,
+        callbacks=callbacks,
+        desc=f"{settings.model} fold {settings.fold}",
+    )
+    logger.record_rank_checksums(trainer.parameter_checksums())
+    logger.plot()
+    if world > 1:
+        dist.barrier()
+    return run
+
+
+def _load_or_make_plan(run: RunFolder, cases, spec: TaskSpec, settings: TrainSettings) -> PreprocessingPlan:
+    """Folds of one run share one plan: the first fold plans, later folds and resumes reuse it."""
+    if run.info_path.is_file():
+        return PreprocessingPlan.from_dict(run.read_info()["preprocessing"], source=str(run.info_path))
+    return plan_preprocessing(cases, spec, settings.target_spacing, seed=settings.seed)
+
+
+def _check_compatible(run: RunFolder, info: dict[str, Any]) -> None:
+    existing = run.read_info()
+    for key in ("task", "model", "patch_size"):
+        if existing.get(key) != info[key]:
+            raise CimlError(
+                f"{run.info_path}: this run was made with another {key}; train it with the same settings "
+                "or choose another --out"
+            )
+
+
+def _kill_after(iteration: int):
+    """Test hook: SIGKILL this process after ``iteration`` (proves resume survives a real kill)."""
+
+    def on_step(trainer: Trainer, record: dict[str, float]) -> None:
+        if trainer.iteration == iteration:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_step
+
+
+def _checkpointer(run: RunFolder, fold: int, every: int, rank: int):
+    """Callback writing the last checkpoint every ``every`` iterations and the best on validation Dice."""
+
+    def on_step(trainer: Trainer, record: dict[str, float]) -> None:
+        if rank != 0:
+            return
+        if "val/dice/mean" in record and record["val/dice/mean"] > trainer.best_metric:
+            trainer.best_metric = record["val/dice/mean"]
+            trainer.save(run.checkpoint(fold, "best"))
+        if trainer.iteration % every == 0 or trainer.iteration == trainer.config.iterations:
+            trainer.save(run.checkpoint(fold, "last"))
+
+    return on_step

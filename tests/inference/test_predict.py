@@ -1,0 +1,317 @@
+"""Prediction: geometry round trip, outputs on disk, missing modalities, TTA and fold ensembling.
+
+Everything is tiny (20x24x16 volumes, widths (4, 8), 16^3 patches) and generated in tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import ciml.files
+from ciml.cli import main
+from ciml.data.cases import Case
+from ciml.data.preprocessing import ModalityNormalization, PreprocessingPlan, plan_preprocessing
+from ciml.errors import CimlError
+from ciml.inference import (
+    InferenceSettings,
+    Predictor,
+    mirror_axes_combinations,
+    predict_cases,
+    writing,
+)
+from ciml.models import SegmentationOutput, build_model
+from ciml.tasks import TaskSpec, load_task
+from ciml.training.checkpoint import save_checkpoint
+from ciml.training.run import RunFolder
+
+SHAPE = (20, 24, 16)
+# Voxel axes i, j, k run along -A (1 mm), +S (1.5 mm) and -R (3 mm): flipped, permuted, anisotropic.
+FLIPPED = np.array([[0, 0, -3.0, 30.0], [-1.0, 0, 0, 20.0], [0, 1.5, 0, -10.0], [0, 0, 0, 1]])
+BODY = (slice(3, 17), slice(4, 21), slice(2, 14))
+TUMOUR = (slice(6, 12), slice(8, 15), slice(5, 10))
+PATCH = (16, 16, 16)
+MODALITIES = ("flair", "t1", "t1ce", "t2")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a busy 2-core machine two spinning threads ran these tests ~30x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def spec() -> TaskSpec:
+    return load_task("brats2020")
+
+
+def _save(array: np.ndarray, path: Path) -> Path:
+    image = nib.Nifti1Image(array, FLIPPED)
+    image.set_qform(FLIPPED, code=1)  # scanner
+    image.set_sform(FLIPPED, code=2)  # aligned: codes that must survive
+    nib.save(image, str(path))
+    return path
+
+
+def write_brats(root: Path, n_cases: int = 2) -> list[Case]:
+    """BraTS layout; FLAIR is 100 in TUMOUR, ~10 elsewhere in BODY, 0 outside; label 2/1/4 in TUMOUR."""
+    cases = []
+    for n in range(n_cases):
+        case_id = f"case{n}"
+        folder = root / case_id
+        folder.mkdir(parents=True)
+        rng = np.random.default_rng(n)
+        images = {}
+        for i, modality in enumerate(MODALITIES):
+            values = np.zeros(SHAPE, np.float32)
+            values[BODY] = rng.normal(10 + 5 * i, 1.0, values[BODY].shape)
+            values[TUMOUR] += 90.0 if modality == "flair" else rng.normal(20, 5, values[TUMOUR].shape)
+            images[modality] = _save(values, folder / f"{case_id}_{modality}.nii.gz")
+        label = np.zeros(SHAPE, np.uint8)
+        label[TUMOUR] = 2
+        label[7:10, 9:12, 6:8] = 1
+        label[8, 10, 7] = 4
+        cases.append(Case(case_id, images, _save(label, folder / f"{case_id}_seg.nii.gz")))
+    return cases
+
+
+def simple_plan(spec: TaskSpec) -> PreprocessingPlan:
+    """A plan for in-memory tests that never preprocess files."""
+    norms = {m: ModalityNormalization("zscore_nonzero") for m in spec.modalities}
+    return PreprocessingPlan(dict(spec.modalities), (1.0, 1.0, 1.0), norms)
+
+
+def cpu_predictor(spec: TaskSpec, models: list[nn.Module], plan=None, **settings) -> Predictor:
+    """A predictor on the CPU in float32 (``auto`` would pick CUDA and bf16 where there is a GPU)."""
+    return Predictor(
+        spec, plan or simple_plan(spec), models, PATCH, InferenceSettings(device="cpu", **settings)
+    )
+
+
+def trained_like(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Non-zero message projections and settled running statistics, so that messages matter."""
+    torch.manual_seed(seed)
+    for gate in getattr(model, "gates", {}).values():
+        torch.nn.init.normal_(gate.project.weight, std=0.5)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(2, len(model.modalities), *PATCH))
+    return model.eval()
+
+
+def tiny_model(spec: TaskSpec, name: str = "ciml", seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return trained_like(build_model(name, spec, widths=(4, 8), spatial_dims=3), seed)
+
+
+def make_run(folder: Path, spec: TaskSpec, cases: list[Case], name: str = "ciml", folds=(0,)) -> RunFolder:
+    """A run folder as training writes it: run.json and fold_K/checkpoint_last.pt."""
+    run = RunFolder(folder)
+    for fold in folds:
+        model = tiny_model(spec, name, seed=fold)
+        save_checkpoint({"model": model.state_dict(), "config": model.config}, run.checkpoint(fold, "last"))
+    run.write_info(
+        {
+            "task": spec.to_dict(),
+            "model": model.config,
+            "preprocessing": plan_preprocessing(cases, spec).to_dict(),
+            "patch_size": list(PATCH),
+            "data": {"path": str(folder), "layout": "brats"},
+            "train": {},
+        }
+    )
+    return run
+
+
+class FlairThreshold(nn.Module):
+    """WT wherever the normalised FLAIR is clearly positive: a network whose answer is known per voxel."""
+
+    def forward(self, x: torch.Tensor, present=None, **_: object) -> SegmentationOutput:
+        wt = 20.0 * x[:, :1] - 1.0
+        off = torch.full_like(wt, -20.0)
+        return SegmentationOutput(
+            logits={"fake": torch.cat([wt, off, off], dim=1)},
+            owned={"fake": ("WT", "TC", "ET")},
+            kl=x.new_zeros(()),
+        )
+
+
+def forward_probabilities(model: nn.Module, x: torch.Tensor, spec: TaskSpec, present=None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x, present=present).region_probabilities(spec.region_names)
+
+
+# ------------------------------------------------------------------------------------------ geometry
+
+
+def test_prediction_comes_back_on_the_inputs_own_grid_with_its_header(tmp_path, spec):
+    cases = write_brats(tmp_path / "data", n_cases=1)
+    predictor = cpu_predictor(spec, [FlairThreshold()], plan_preprocessing(cases, spec))
+    [result] = predict_cases(predictor, cases, tmp_path / "out", progress=False)
+    out, source = nib.load(result.outputs[0]), nib.load(cases[0].images["flair"])
+    assert out.shape == source.shape == SHAPE
+    np.testing.assert_allclose(out.affine, source.affine)
+    assert out.get_data_dtype() == np.uint8
+    assert int(out.header["qform_code"]) == 1 and int(out.header["sform_code"]) == 2
+    np.testing.assert_allclose(out.get_qform(), source.get_qform())
+    expected = np.zeros(SHAPE, np.uint8)
+    expected[TUMOUR] = 2  # WT alone is painted as edema
+    np.testing.assert_array_equal(np.asarray(out.dataobj), expected)
+
+
+# -------------------------------------------------------------------------------------- files on disk
+
+
+def test_cli_predicts_writes_atomically_and_never_overwrites_without_the_flag(tmp_path, spec, capsys):
+    cases = write_brats(tmp_path / "data")
+    run = make_run(tmp_path / "run", spec, cases)
+    out = tmp_path / "out"
+    args = ["predict", "--run", str(run.path), "--input", str(tmp_path / "data"), "--output", str(out)]
+    assert main([*args, "--save-probabilities", "--device", "cpu"]) == 0
+    assert sorted(os.listdir(out)) == [  # no temporary file left behind
+        "case0.nii.gz",
+        "case0_probabilities.nii.gz",
+        "case1.nii.gz",
+        "case1_probabilities.nii.gz",
+    ]
+    for case in cases:
+        label, source = nib.load(out / f"{case.case_id}.nii.gz"), nib.load(case.images["flair"])
+        assert label.shape == SHAPE
+        np.testing.assert_allclose(label.affine, source.affine)
+        values = np.asarray(label.dataobj)
+        assert set(np.unique(values)) <= set(spec.label_values)
+        probabilities = nib.load(out / f"{case.case_id}_probabilities.nii.gz")
+        assert probabilities.shape == (*SHAPE, 3) and probabilities.get_data_dtype() == np.float32
+        p = np.moveaxis(np.asarray(probabilities.dataobj), -1, 0)
+        assert np.isfinite(p).all() and p.min() >= 0.0 and p.max() <= 1.0
+        np.testing.assert_array_equal(values, spec.regions_to_labels(p > 0.5))
+    assert "case0:" in capsys.readouterr().out  # per-case time
+
+    finished = (out / "case0.nii.gz").read_bytes()
+    (out / "case1.nii.gz").write_bytes(b"not replaced")
+    assert main(args) == 0
+    assert (out / "case0.nii.gz").read_bytes() == finished
+    assert (out / "case1.nii.gz").read_bytes() == b"not replaced"
+    assert "skipped" in capsys.readouterr().out
+    assert main([*args, "--overwrite"]) == 0
+    assert nib.load(out / "case1.nii.gz").shape == SHAPE
+
+
+def test_failed_write_leaves_neither_output_nor_temporary_file(tmp_path, monkeypatch):
+    def refuse(*_: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ciml.files.os, "replace", refuse)
+    with pytest.raises(OSError, match="disk full"):
+        writing.write_label_map(np.zeros((4, 4, 4), np.uint8), tmp_path / "c.nii.gz", np.eye(4), None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_modality_files_are_never_read(tmp_path, spec, capsys):
+    cases = write_brats(tmp_path / "data", n_cases=1)
+    run = make_run(tmp_path / "run", spec, cases)
+    cases[0].images["t1"].unlink()
+    args = ["predict", "--run", str(run.path), "--input", str(tmp_path / "data"), "--device", "cpu"]
+    assert main([*args, "--output", str(tmp_path / "all")]) == 1
+    assert "case0_t1.nii.gz" in capsys.readouterr().err
+    assert main([*args, "--output", str(tmp_path / "sub"), "--modalities", "flair,t1ce,t2"]) == 0
+    assert nib.load(tmp_path / "sub" / "case0.nii.gz").shape == SHAPE
+    files = [f"{m}={cases[0].images[m]}" for m in ("flair", "t1ce")]
+    single = ["predict", "--run", str(run.path), "--files", *files, "--case-id", "one", "--output"]
+    assert main([*single, str(tmp_path / "files")]) == 0
+    assert nib.load(tmp_path / "files" / "one.nii.gz").shape == SHAPE
+
+
+# -------------------------------------------------------------------------------- missing modalities
+
+
+def test_subset_prediction_is_the_forward_without_them_and_with_their_gates_closed(spec):
+    model = tiny_model(spec)
+    predictor = cpu_predictor(spec, [model])
+    subset = ("flair", "t1ce")
+    x = torch.randn(1, 4, *PATCH)  # the window covers the whole volume: no blending
+    predicted = torch.from_numpy(predictor.probabilities(x[0].numpy(), subset))
+    plain = forward_probabilities(model, x, spec, present=subset)[0]
+    torch.testing.assert_close(predicted, plain, atol=1e-5, rtol=1e-5)
+
+    absent = {"t1", "t2"}
+    for gate_name, gate in model.gates.items():
+        if gate_name.split("<-")[1] in absent:
+            gate.forward = lambda receiver, sender, closed=False, g=gate: type(g).forward(
+                g, receiver, sender, True
+            )
+    with torch.no_grad():
+        out = model(x)  # absent senders still compute, but their gates pass nothing
+    kept = SegmentationOutput(
+        logits={m: out.logits[m] for m in subset}, owned={m: out.owned[m] for m in subset}, kl=out.kl
+    )
+    torch.testing.assert_close(plain, kept.region_probabilities(spec.region_names)[0], atol=1e-5, rtol=1e-5)
+    full = torch.from_numpy(cpu_predictor(spec, [tiny_model(spec)]).probabilities(x[0].numpy()))
+    assert not torch.allclose(full[0], predicted[0], atol=1e-4)  # WT without t2 is flair's alone
+
+
+def test_unpredictable_regions_are_named_with_their_missing_owners(spec):
+    predictor = cpu_predictor(spec, [tiny_model(spec)])
+    with pytest.raises(CimlError, match=r"TC \(owners t1, t1ce, t2: all missing\); ET \(owners t1ce"):
+        predictor.check(("flair",))
+    partial = predictor.probabilities(np.random.rand(4, *PATCH).astype(np.float32), ("flair",), partial=True)
+    assert np.isfinite(partial[0]).all() and np.isnan(partial[1:]).all()  # n/a, not an empty mask
+
+
+def test_stacked_networks_refuse_missing_modalities_with_their_own_message(tmp_path, spec):
+    joint = cpu_predictor(spec, [tiny_model(spec, "joint")])
+    joint.check(MODALITIES)  # complete: fine
+    with pytest.raises(CimlError, match="joint model needs every modality and cannot run without t2"):
+        joint.check(("flair", "t1", "t1ce"))
+    with pytest.raises(CimlError, match="cannot run without"):
+        predict_cases(joint, [Case("c", {})], tmp_path / "out", modalities=("flair",), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ TTA and ensembling
+
+
+def test_tta_averages_the_flipped_forwards(spec):
+    model = tiny_model(spec)
+    x = torch.randn(1, 4, *PATCH)
+    combos = mirror_axes_combinations(3)
+    assert len(set(combos)) == 8 and combos[0] == ()
+    manual = sum(
+        torch.flip(forward_probabilities(model, torch.flip(x, axes), spec), axes) for axes in combos
+    ) / len(combos)
+    tta = cpu_predictor(spec, [model], tta=True)
+    predicted = torch.from_numpy(tta.probabilities(x[0].numpy()))
+    torch.testing.assert_close(predicted, manual[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(predicted, forward_probabilities(model, x, spec)[0], atol=1e-4)
+
+
+def test_folds_are_ensembled_by_averaging_probabilities(spec):
+    a, b = tiny_model(spec, seed=0), tiny_model(spec, seed=1)
+    image = np.random.default_rng(0).normal(size=(4, 20, 16, 24)).astype(np.float32)  # several windows
+
+    def probabilities(models: list[nn.Module]) -> np.ndarray:
+        return cpu_predictor(spec, models).probabilities(image)
+
+    np.testing.assert_allclose(
+        probabilities([a, b]), (probabilities([a]) + probabilities([b])) / 2, atol=1e-6
+    )
+
+
+def test_bad_settings_are_refused_with_the_option_name(tmp_path, spec):
+    cases = write_brats(tmp_path / "data", n_cases=1)
+    run = make_run(tmp_path / "run", spec, cases)
+    with pytest.raises(CimlError, match="--step"):
+        Predictor.from_run(run, InferenceSettings(step=0.0, device="cpu"))
+    with pytest.raises(CimlError, match="checkpoint_best.pt: checkpoint not found"):
+        Predictor.from_run(run, InferenceSettings(checkpoint="best", device="cpu"))
+    with pytest.raises(CimlError, match="--modalities: unknown pd"):
+        Predictor.from_run(run, InferenceSettings(device="cpu")).present_modalities(["flair", "pd"])

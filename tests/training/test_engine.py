@@ -1,0 +1,186 @@
+"""`ciml train` end to end on a tiny BraTS-layout dataset: run folder, logs, resume after SIGKILL, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from ciml.cli import main
+from ciml.errors import CimlError
+from ciml.training import load_checkpoint, save_checkpoint
+from ciml.training.engine import KILL_AFTER_VARIABLE, make_splits
+from ciml.training.logging import read_log
+
+MODALITIES = ("flair", "t1", "t1ce", "t2")
+TINY = ["--patch", "16", "16", "16", "--widths", "4", "8", "--batch-size", "2", "--no-progress"]
+
+
+def write_tiny_brats(folder: Path, cases: int = 4, seed: int = 0) -> Path:
+    """BraTS2020 layout, 24x24x16 volumes with one nested tumour each (labels 2 > 1 > 4 inwards)."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in (24, 24, 16)], indexing="ij"), axis=-1)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    for index in range(1, cases + 1):
+        name = f"BraTS20_Training_{index:03d}"
+        (folder / name).mkdir(parents=True)
+        center = rng.uniform([8, 8, 6], [16, 16, 10])
+        distance = np.linalg.norm(grid - center, axis=-1)
+        label = np.where(distance < 6, 2, 0)
+        label[distance < 4] = 1
+        label[(distance >= 3) & (distance < 4)] = 4
+        brain = np.ones(label.shape)
+        for i, modality in enumerate(MODALITIES):
+            image = brain * 100 + (label > 0) * (20 + 10 * i) + rng.normal(0, 5, label.shape)
+            nib.save(
+                nib.Nifti1Image(image.astype(np.float32), affine), folder / name / f"{name}_{modality}.nii.gz"
+            )
+        nib.save(nib.Nifti1Image(label.astype(np.uint8), affine), folder / name / f"{name}_seg.nii.gz")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_tiny_brats(tmp_path_factory.mktemp("brats"))
+
+
+def _train(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--task",
+        "brats2020",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        *TINY,
+        *extra,
+    ]
+
+
+def test_training_writes_the_run_folder_logs_and_plot(dataset, tmp_path) -> None:
+    out = tmp_path / "run"
+    assert (
+        main(_train(dataset, out, "--iterations", "4", "--validate-every", "2", "--modality-dropout", "0.5"))
+        == 0
+    )
+    info = json.loads((out / "run.json").read_text())
+    assert {"task", "model", "preprocessing", "patch_size", "data", "train"} <= set(info)
+    splits = json.loads((out / "splits_final.json").read_text())
+    assert len(splits) == 4 and all(not set(s["train"]) & set(s["val"]) for s in splits)
+    fold = out / "fold_0"
+    assert {"checkpoint_last.pt", "checkpoint_best.pt", "log.jsonl", "progress.png"} <= {
+        p.name for p in fold.iterdir()
+    }
+    log = read_log(fold / "log.jsonl")
+    steps = [r for r in log if "loss" in r]
+    assert [r["iteration"] for r in steps] == [1, 2, 3, 4]
+    keys = set(steps[0])
+    assert {"seg", "kl", "lr", "seg/flair", "seg/t1", "seg/t1ce", "seg/t2"} <= keys | set(steps[1])
+    assert any(k.startswith("kl/0/flair<-") for k in keys)
+    assert {"val/dice/WT", "val/dice/TC", "val/dice/ET", "val/dice/mean"} <= set(steps[1])
+    assert log[-1]["event"] == "end"
+    state = load_checkpoint(fold / "checkpoint_last.pt")
+    assert state["iteration"] == 4 and state["config"] == info["model"]
+
+
+def test_refuses_to_overwrite_a_fold_and_resume_needs_a_checkpoint(dataset, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(_train(dataset, out, "--iterations", "1")) == 0
+    assert main(_train(dataset, out, "--iterations", "1")) == 1
+    assert "--resume" in capsys.readouterr().err
+    assert main(_train(dataset, out, "--iterations", "1", "--fold", "1", "--resume")) == 1
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(dataset, tmp_path) -> None:
+    args = ["--iterations", "6", "--validate-every", "3", "--max-validation-cases", "1"]
+    straight = tmp_path / "straight"
+    assert main(_train(dataset, straight, *args)) == 0
+
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "ciml.cli", *_train(dataset, killed, *args)]
+    env = {**os.environ, KILL_AFTER_VARIABLE: "4", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == -9, result.stderr[-2000:]
+    assert load_checkpoint(killed / "fold_0" / "checkpoint_last.pt")["iteration"] == 3
+    assert main(_train(dataset, killed, *args, "--resume")) == 0
+
+    a = [r for r in read_log(straight / "fold_0" / "log.jsonl") if "loss" in r]
+    b = [r for r in read_log(killed / "fold_0" / "log.jsonl") if "loss" in r]
+    assert [r["iteration"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6)
+    final_a = load_checkpoint(straight / "fold_0" / "checkpoint_last.pt")["model"]
+    final_b = load_checkpoint(killed / "fold_0" / "checkpoint_last.pt")["model"]
+    for key in final_a:
+        torch.testing.assert_close(final_a[key], final_b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_kill_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path) -> None:
+    path = tmp_path / "checkpoint_last.pt"
+    save_checkpoint({"model": {"w": torch.arange(3.0)}, "config": {"name": "x"}}, path)
+    script = (
+        "import os, signal, torch\n"
+        "from ciml.training import save_checkpoint\n"
+        "class Kill:\n"
+        "    def __reduce__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "state = {'model': {'w': torch.zeros(10**6)}, 'config': {}, 'x': Kill()}\n"
+        f"save_checkpoint(state, {str(path)!r})\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert result.returncode == -9
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.arange(3.0))
+
+
+def test_a_dataset_failing_the_integrity_check_stops_training(dataset, tmp_path, capsys) -> None:
+    broken = write_tiny_brats(tmp_path / "broken", cases=2)
+    bad = broken / "BraTS20_Training_002" / "BraTS20_Training_002_t1.nii.gz"
+    image = nib.load(bad)
+    data = image.get_fdata().astype(np.float32)
+    data[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(data, image.affine), bad)
+    out = tmp_path / "run"
+    assert main(_train(broken, out, "--iterations", "1")) == 1
+    assert "BraTS20_Training_002_t1.nii.gz" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_splits_are_patient_level() -> None:
+    from ciml.data.cases import Case
+
+    cases = [Case(f"p{p}_s{s}", {}, group=f"p{p}") for p in range(6) for s in range(2)]
+    splits = make_splits(cases, folds=3, seed=0)
+    for split in splits:
+        val_patients = {c.split("_")[0] for c in split["val"]}
+        assert not val_patients & {c.split("_")[0] for c in split["train"]}
+    assert sorted(c for s in splits for c in s["val"]) == sorted(c.case_id for c in cases)
+    with pytest.raises(CimlError, match="at least 2 patients"):
+        make_splits(cases[:2], folds=5, seed=0)
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_keeps_ranks_identical(dataset, tmp_path) -> None:
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+        "-m", "ciml.cli", *_train(dataset, out, "--iterations", "3", "--modality-dropout", "0.5",
+                                  "--validate-every", "3", "--max-validation-cases", "1"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    end = read_log(out / "fold_0" / "log.jsonl")[-1]
+    checksums = end["rank_parameter_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert load_checkpoint(out / "fold_0" / "checkpoint_last.pt")["iteration"] == 3
