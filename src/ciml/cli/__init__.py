@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ciml import __version__
@@ -25,6 +26,9 @@ SUBCOMMANDS = (
     "robustness",
     "tasks",
 )
+
+#: Set to show the traceback of an unexpected error instead of the one-line "internal error".
+DEBUG_VARIABLE = "CIML_DEBUG"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ciml {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # last line of defence: a bug, not the user's input; one line, exit 2
+        if os.environ.get(DEBUG_VARIABLE):
+            raise
+        detail = " ".join(str(exc).split())[:300]
+        print(
+            f"ciml {args.command}: internal error: {type(exc).__name__}: {detail} "
+            f"(run with {DEBUG_VARIABLE}=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

@@ -61,6 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--methods", nargs="+", default=list(DEMO_METHODS), choices=model_names(), help="methods to compare"
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (CUDA when available)")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="methods trained in parallel processes (one torch thread each)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.set_defaults(func=run)
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
     )
     out.mkdir(parents=True, exist_ok=True)
-    results = run_experiment(config, progress=not args.no_progress)
+    results = run_experiment(config, progress=not args.no_progress, jobs=args.jobs)
     table = results_table(results)
     print()
     print(table)

@@ -13,6 +13,9 @@ Example:
 from __future__ import annotations
 
 import gzip
+import logging
+import os
+import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,15 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+#: Largest image ciml reads (voxels, all axes): 2^30, i.e. 4 GiB as float32, ~7x a 512x512x600 CT.
+#: A corrupt header promising more is refused before any memory is allocated (CIML_MAX_VOXELS overrides).
+MAX_VOXELS = 2**30
+#: Voxel sizes outside (0, MAX_SPACING_MM] are corrupt headers, not scans (resampling them would explode).
+MAX_SPACING_MM = 1000.0
+
+# nibabel logs broken headers itself (several lines on stderr); ciml reports them as one line instead.
+logging.getLogger("nibabel.global").setLevel(logging.CRITICAL)
 
 
 class FileProblemError(CimlError):
@@ -99,7 +111,7 @@ def read_header(path: str | Path) -> ImageHeader:
     path = _check_exists(path)
     try:
         if _is_nifti(path):
-            return _nifti_header(path, nib.load(str(path)))
+            return check_header(_nifti_header(path, nib.load(str(path))))
         if path.is_dir():
             return _itk_header(path, _read_dicom_series(path))
         reader = sitk.ImageFileReader()
@@ -134,6 +146,47 @@ def read_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Voxel array in (i, j, k) order and its 4x4 voxel-to-RAS affine, like nibabel for NIfTI."""
     array, header = load_image(path)
     return array, header.affine
+
+
+def max_voxels() -> int:
+    """The voxel budget: :data:`MAX_VOXELS` unless the ``CIML_MAX_VOXELS`` variable sets another."""
+    value = os.environ.get("CIML_MAX_VOXELS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else MAX_VOXELS
+
+
+def check_header(header: ImageHeader) -> ImageHeader:
+    """Refuse headers no scan has, before their voxels are read (and memory is allocated for them).
+
+    Raises:
+        ImageReadError: a non-positive dimension, more voxels than :func:`max_voxels`, or voxel sizes or
+            an affine that are not finite and positive (a corrupt header, which would explode resampling).
+    """
+    if not header.shape or any(s <= 0 for s in header.shape):
+        raise ImageReadError(header.path, f"corrupt header: dimensions {header.shape} must be positive")
+    voxels = int(np.prod([int(s) for s in header.shape], dtype=object))
+    if voxels > max_voxels():
+        raise ImageReadError(
+            header.path,
+            f"header promises {voxels:,} voxels (shape {header.shape}), over the {max_voxels():,} ciml reads "
+            "(corrupt header? set CIML_MAX_VOXELS to allow more)",
+        )
+    spacing = np.asarray(header.spacing, dtype=float)
+    if not (np.isfinite(spacing).all() and (spacing > 0).all() and (spacing <= MAX_SPACING_MM).all()):
+        raise ImageReadError(
+            header.path,
+            f"corrupt header: voxel size {tuple(header.spacing)} mm must be finite, positive and at most "
+            f"{MAX_SPACING_MM:g} mm",
+        )
+    if not np.isfinite(header.affine).all() or abs(np.linalg.det(header.affine[:3, :3])) < 1e-12:
+        raise ImageReadError(
+            header.path, "corrupt header: the voxel-to-world affine is not finite/invertible"
+        )
+    return header
+
+
+def describe_read_error(exc: BaseException) -> str:
+    """A one-line reason for a low-level read failure (public for readers outside this module)."""
+    return _describe(exc)
 
 
 def itk_to_ras_affine(
@@ -180,7 +233,7 @@ def _nifti_header(path: Path, image: nib.spatialimages.SpatialImage) -> ImageHea
 
 def _load_nifti(path: Path) -> tuple[np.ndarray, ImageHeader]:
     image = nib.load(str(path), mmap=False)
-    header = _nifti_header(path, image)
+    header = check_header(_nifti_header(path, image))
     if image_suffix(path) == ".nii":
         _check_nifti_length(path, image)
     return np.asanyarray(image.dataobj), header
@@ -216,13 +269,14 @@ def _itk_header(path: Path, source: sitk.Image | sitk.ImageFileReader) -> ImageH
     shape = size + ((components,) if components > 1 else ())
     dtype = _ITK_DTYPES.get(source.GetPixelID(), sitk.GetPixelIDValueAsString(source.GetPixelID()))
     spacing = tuple(float(s) for s in source.GetSpacing())
-    return ImageHeader(
+    header = ImageHeader(
         path=path,
         shape=shape,
         spacing=spacing,
         affine=itk_to_ras_affine(source.GetDirection(), spacing, source.GetOrigin()),
         dtype=dtype,
     )
+    return check_header(header)
 
 
 def _itk_array(image: sitk.Image) -> np.ndarray:
@@ -233,9 +287,15 @@ def _itk_array(image: sitk.Image) -> np.ndarray:
     return np.ascontiguousarray(array.transpose(order))
 
 
-def _describe(exc: Exception) -> str:
-    """A short reason for a low-level read failure, in the user's terms."""
+def _describe(exc: BaseException) -> str:
+    """A short reason for a low-level read failure, in the user's terms (always one line)."""
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, MemoryError):
+        return "not enough memory to read the image (corrupt header or a far larger volume than expected)"
+    if isinstance(exc, struct.error | OverflowError):
+        return f"corrupt header ({type(exc).__name__}: {detail})"
+    if isinstance(exc, OSError) and "Expected" in detail and "bytes" in detail:
+        return f"truncated or corrupt image data ({detail.split(' from ')[0].removesuffix(' from')})"
     if isinstance(exc, gzip.BadGzipFile) or "not a gzip file" in detail:
         return f"not gzip-compressed although named .gz ({detail})"
     if isinstance(exc, EOFError | zlib.error):

@@ -53,6 +53,7 @@ from monai.transforms.utils import generate_spatial_bounding_box
 from tqdm import tqdm
 
 from ciml.data.cases import Case
+from ciml.data.io import describe_read_error, max_voxels, read_header
 from ciml.errors import CimlError
 from ciml.files import atomic_path, write_text_atomic
 from ciml.tasks.spec import TaskSpec
@@ -353,12 +354,15 @@ def load_volume(path: str | Path) -> MetaTensor:
     path = Path(path)
     if not path.exists():
         raise PreprocessingError(f"{path}: file not found")
+    if path.is_file():
+        read_header(path)  # a corrupt header (absurd size, voxel size) is refused before allocating
     try:
         img = _NIFTI_LOADER(str(path)) if path.name.endswith(_NIFTI_SUFFIXES) else _load_sitk(path)
     except CimlError:
         raise
     except Exception as exc:  # readers raise many types; the user needs the file and the reason
-        raise PreprocessingError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+        cause = exc.__cause__ if exc.__cause__ is not None else exc  # MONAI wraps the reader's error
+        raise PreprocessingError(f"{path}: cannot read image ({describe_read_error(cause)})") from None
     if img.ndim != 4 or img.shape[0] != 1:
         raise PreprocessingError(
             f"{path}: expected a single-channel 3D image, got array shape {tuple(img.shape)}"
@@ -532,6 +536,7 @@ def preprocess_case(
             f"{list(spec.modalities)}"
         )
     loaded = _load_case(case, spec, plan.ct_body_threshold, allow_missing)
+    _check_resampled_size(loaded, plan, case.images[loaded.reference])
     data, geometry = _reorient_crop_resample(loaded, plan)
     image = _normalise(data["image"].as_tensor().numpy().astype(np.float32, copy=False), plan)
     label = None if "label" not in data else _label_array(data["label"].as_tensor()[0], spec)
@@ -545,6 +550,20 @@ def preprocess_case(
         "label_source": None if case.label is None else str(case.label),
     }
     return PreprocessedCase(case.case_id, image, label, meta)
+
+
+def _check_resampled_size(loaded: _LoadedCase, plan: PreprocessingPlan, reference: Path) -> None:
+    """Refuse a grid whose resampling to the plan's spacing would exceed the voxel budget (absurd pixdim)."""
+    affine = loaded.image.affine.numpy()
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    shape = np.asarray(loaded.image.shape[1:], dtype=float)
+    voxels = float(np.prod(shape * spacing / np.asarray(plan.target_spacing, dtype=float)))
+    if voxels > max_voxels():
+        raise PreprocessingError(
+            f"{reference}: voxel size {np.round(spacing, 4).tolist()} mm resampled to the plan's "
+            f"{list(plan.target_spacing)} mm would make {voxels:.3g} voxels, over the {max_voxels():,} ciml "
+            "handles (corrupt header?)"
+        )
 
 
 def _reorient_crop_resample(loaded: _LoadedCase, plan: PreprocessingPlan) -> tuple[dict, dict[str, Any]]:

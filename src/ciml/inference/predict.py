@@ -23,6 +23,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,12 +49,17 @@ from ciml.inference.writing import (
     write_label_map,
     write_probabilities,
 )
+from ciml.locks import folder_lock
 from ciml.models import CIMLNet, size_divisor
 from ciml.tasks import TaskSpec
 from ciml.training.run import CHECKPOINTS, RunFolder
 
 DEVICES = ("auto", "cpu", "cuda")
 THRESHOLD = 0.5
+#: Test hooks (interruption tests): SIGKILL the process after N finished cases, or between the
+#: probabilities and the label map of case N (counting from 1).
+KILL_AFTER_CASES_VARIABLE = "CIML_TEST_KILL_AFTER_CASES"
+KILL_BEFORE_LABEL_VARIABLE = "CIML_TEST_KILL_BEFORE_LABEL_OF_CASE"
 
 
 @dataclass(frozen=True)
@@ -347,8 +354,10 @@ def predict_case(
     probabilities = invert_to_original(predictor.probabilities(pre.image, present), pre.meta, mode="linear")
     reference = reference_nifti(case.images[pre.meta["reference_modality"]])
     affine = np.asarray(pre.meta["original_affine"], dtype=np.float64)
+    del pre
     if probabilities_path in todo:
         write_probabilities(probabilities, probabilities_path, affine, reference)
+    _test_kill(KILL_BEFORE_LABEL_VARIABLE)
     if label_path in todo:
         write_label_map(spec.regions_to_labels(probabilities > THRESHOLD), label_path, affine, reference)
     return CaseResult(case.case_id, tuple(wanted), time.perf_counter() - start)
@@ -372,7 +381,32 @@ def predict_cases(
     predictor.check(present)  # fail before the first case, not after it
     for case in cases:
         output_paths(output_dir, case.case_id)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(output_dir):
+        return _predict_locked(predictor, cases, output_dir, present, save_probabilities, overwrite, progress)
+
+
+def _test_kill(variable: str) -> None:
+    """SIGKILL this process when ``variable`` counts down to zero (interruption tests only)."""
+    if variable not in os.environ:
+        return
+    _KILL_COUNTS[variable] = _KILL_COUNTS.get(variable, int(os.environ[variable])) - 1
+    if _KILL_COUNTS[variable] <= 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_KILL_COUNTS: dict[str, int] = {}
+
+
+def _predict_locked(
+    predictor: Predictor,
+    cases: Sequence[Case],
+    output_dir: Path,
+    present: Sequence[str],
+    save_probabilities: bool,
+    overwrite: bool,
+    progress: bool,
+) -> list[CaseResult]:
+    """The loop of :func:`predict_cases`, run while holding the output folder's lock."""
     results = []
     bar = tqdm(cases, desc="predict", unit="case", disable=not progress)
     for case in bar:
@@ -385,6 +419,8 @@ def predict_cases(
             overwrite=overwrite,
         )
         results.append(result)
+        if not result.skipped:
+            _test_kill(KILL_AFTER_CASES_VARIABLE)
         if progress:
             done = (
                 "skipped (outputs exist; --overwrite replaces them)"
