@@ -19,6 +19,7 @@ from ciml.cli import main
 from ciml.data.cases import Case
 from ciml.data.preprocessing import ModalityNormalization, PreprocessingPlan, plan_preprocessing
 from ciml.errors import CimlError
+from ciml.evaluation.robustness import evaluate_robustness
 from ciml.inference import (
     InferenceSettings,
     Predictor,
@@ -315,3 +316,52 @@ def test_bad_settings_are_refused_with_the_option_name(tmp_path, spec):
         Predictor.from_run(run, InferenceSettings(checkpoint="best", device="cpu"))
     with pytest.raises(CimlError, match="--modalities: unknown pd"):
         Predictor.from_run(run, InferenceSettings(device="cpu")).present_modalities(["flair", "pd"])
+
+
+# ---------------------------------------------------------------------------------- fallback owners
+
+
+@pytest.fixture
+def fallback_spec(spec) -> TaskSpec:
+    return load_task({**spec.to_dict(), "fallback_owners": {"ET": ["t1"], "WT": ["t1"]}})
+
+
+def test_orphaned_regions_with_a_present_fallback_owner_are_predicted(fallback_spec):
+    predictor = cpu_predictor(fallback_spec, [tiny_model(fallback_spec)])
+    assert predictor.fallback_owners() == {"WT": ("t1",), "ET": ("t1",)}
+    assert predictor.unpredictable_regions(("flair", "t1")) == {}  # ET: t1 stands in for t1ce
+    predictor.check(("t1",))  # WT and ET from t1's fallback channels, TC its own
+    with pytest.raises(CimlError, match=r"ET \(owners t1ce; fallback owners t1: all missing\)"):
+        predictor.check(("flair", "t2"))
+    x = np.random.default_rng(0).normal(size=(4, *PATCH)).astype(np.float32)
+    predicted = predictor.probabilities(x, ("flair", "t1"))
+    assert np.isfinite(predicted).all()
+    expected = forward_probabilities(
+        predictor.models[0], torch.from_numpy(x)[None], fallback_spec, ("flair", "t1")
+    )
+    np.testing.assert_allclose(predicted, expected[0].numpy(), atol=1e-5)
+
+
+def test_cli_predicts_a_subset_through_fallback_owners_and_robustness_scores_it(
+    tmp_path, spec, fallback_spec, capsys
+):
+    cases = write_brats(tmp_path / "data", n_cases=1)
+    args = ["predict", "--input", str(tmp_path / "data"), "--device", "cpu", "--modalities", "flair,t1"]
+    plain = make_run(tmp_path / "plain", spec, cases)
+    assert main([*args, "--run", str(plain.path), "--output", str(tmp_path / "refused")]) == 1
+    assert "ET (owners t1ce: all missing)" in capsys.readouterr().err
+    assert not (tmp_path / "refused" / "case0.nii.gz").exists()
+
+    run = make_run(tmp_path / "fallback", fallback_spec, cases)
+    assert main([*args, "--run", str(run.path), "--output", str(tmp_path / "out")]) == 0
+    assert nib.load(tmp_path / "out" / "case0.nii.gz").shape == SHAPE
+
+    settings = InferenceSettings(device="cpu")
+    [row] = evaluate_robustness(
+        run, tmp_path / "data", settings=settings, subsets=[("flair", "t1")], progress=False
+    ).rows
+    assert row.predictable == ("WT", "TC", "ET") and not np.isnan(row.dice["ET"])
+    [row] = evaluate_robustness(
+        plain, tmp_path / "data", settings=settings, subsets=[("flair", "t1")], progress=False
+    ).rows
+    assert row.predictable == ("WT", "TC") and np.isnan(row.dice["ET"])  # n/a without a fallback owner

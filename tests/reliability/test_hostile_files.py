@@ -187,3 +187,14 @@ def test_corrupt_headers_are_named_before_any_allocation(
     _assert_clean_outcome(code, err, bad, "predict")
     assert code == 1 and expected in err, err
     assert not output.exists() or list(output.iterdir()) == []
+
+
+def test_rgb_voxels_are_refused_by_name(tmp_path) -> None:
+    """Found by the fuzzer: a header mutated to an RGBA datatype crashed the statistics with a numpy error."""
+    from ciml.data.io import ImageReadError, load_image
+
+    path = tmp_path / "rgb.nii.gz"
+    rgba = np.zeros((4, 4, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1"), ("A", "u1")])
+    nib.save(nib.Nifti1Image(rgba, np.eye(4)), path)
+    with pytest.raises(ImageReadError, match=r"rgb\.nii\.gz.*not a scalar number"):
+        load_image(path)

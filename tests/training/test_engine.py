@@ -15,6 +15,7 @@ import torch
 
 from ciml.cli import main
 from ciml.errors import CimlError
+from ciml.locks import folder_lock
 from ciml.training import load_checkpoint, save_checkpoint
 from ciml.training.engine import KILL_AFTER_VARIABLE, make_splits
 from ciml.training.logging import read_log
@@ -100,6 +101,15 @@ def test_refuses_to_overwrite_a_fold_and_resume_needs_a_checkpoint(dataset, tmp_
     assert "--resume" in capsys.readouterr().err
     assert main(_train(dataset, out, "--iterations", "1", "--fold", "1", "--resume")) == 1
     assert "no checkpoint to resume from" in capsys.readouterr().err
+
+
+def test_a_fold_being_trained_is_locked(dataset, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(_train(dataset, out, "--iterations", "2")) == 0
+    with folder_lock(out / "fold_0"):
+        assert main(_train(dataset, out, "--iterations", "3", "--resume")) == 1
+    assert "another ciml process" in capsys.readouterr().err
+    assert load_checkpoint(out / "fold_0" / "checkpoint_last.pt")["iteration"] == 2
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(dataset, tmp_path) -> None:

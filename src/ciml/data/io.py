@@ -234,6 +234,11 @@ def _nifti_header(path: Path, image: nib.spatialimages.SpatialImage) -> ImageHea
 def _load_nifti(path: Path) -> tuple[np.ndarray, ImageHeader]:
     image = nib.load(str(path), mmap=False)
     header = check_header(_nifti_header(path, image))
+    dtype = np.dtype(image.get_data_dtype())
+    if dtype.fields is not None or dtype.kind not in "buif":
+        raise ImageReadError(
+            path, f"voxel type {dtype} is not a scalar number (RGB/complex images are not supported)"
+        )
     if image_suffix(path) == ".nii":
         _check_nifti_length(path, image)
     return np.asanyarray(image.dataobj), header

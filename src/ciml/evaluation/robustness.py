@@ -9,7 +9,8 @@ Each case is preprocessed once with all its modalities; a subset then zeroes the
 the network with ``present=subset``, so the absent modalities' segmentors are skipped and their messages
 are silent. The crop box thus comes from all modalities, where ``ciml predict --modalities`` would crop
 to the present ones: the same voxels are predicted unless a modality's body extends beyond the others'.
-A region none of whose owners is present is "n/a" (not predictable), never scored as an empty mask.
+A region none of whose owners or fallback owners is present is "n/a" (not predictable), never scored as
+an empty mask.
 Networks on stacked modalities (joint, segresnet) get "n/a" rows for every incomplete subset, with
 their reason.
 

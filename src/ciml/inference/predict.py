@@ -9,9 +9,9 @@ with the input's affine and header (:mod:`ciml.inference.writing`).
 **Missing modalities.** A CIML run predicts from any non-empty subset of its modalities: the missing
 modalities' segmentors are skipped and their messages sit at the gates' "no information" state
 (DESIGN section 4), and their files are never read. A region whose owning segmentors are all missing is
-not predictable; prediction then stops with a message naming it and its owners instead of inventing a
-mask. Limitation: the spec's ``fallback_owners`` cannot be honoured yet, because a CIML segmentor has no
-output for regions it does not own; such subsets fail the same way. Networks on stacked modalities (joint,
+predicted by the present fallback owners the spec names (``fallback_owners``: those segmentors have extra
+output channels for it); with none present either it is not predictable, and prediction stops with a
+message naming it and its owners instead of inventing a mask. Networks on stacked modalities (joint,
 segresnet) need every modality and say so.
 
 Example:
@@ -205,10 +205,26 @@ class Predictor:
             }
         return {r: self.spec.modality_names for r in self.spec.region_names}
 
+    def fallback_owners(self) -> dict[str, tuple[str, ...]]:
+        """Region -> modalities whose segmentors have a fallback channel for it in this run's network."""
+        model = self.models[0]
+        if not isinstance(model, CIMLNet):
+            return {}
+        return {
+            r: stand_ins
+            for r in self.spec.region_names
+            if (stand_ins := tuple(m for m in model.modalities if r in model.fallback[m]))
+        }
+
     def unpredictable_regions(self, present: Iterable[str]) -> dict[str, tuple[str, ...]]:
-        """Region -> its owners, for each region none of whose owners is present."""
+        """Region -> its owners, for each region none of whose owners or fallback owners is present."""
         present = set(present)
-        return {r: owners for r, owners in self.region_owners().items() if not present & set(owners)}
+        fallback = self.fallback_owners()
+        return {
+            r: owners
+            for r, owners in self.region_owners().items()
+            if not present & (set(owners) | set(fallback.get(r, ())))
+        }
 
     def missing_modality_error(self, present: Sequence[str]) -> CimlError | None:
         """Why this run's network cannot run on ``present`` at all (None when it can)."""
@@ -234,18 +250,17 @@ class Predictor:
         if not unpredictable:
             return
         missing = [m for m in self.spec.modality_names if m not in present]
-        details = "; ".join(f"{r} (owners {', '.join(o)}: all missing)" for r, o in unpredictable.items())
-        fallback = [r for r in unpredictable if set(self.spec.fallback_owners.get(r, ())) & set(present)]
-        note = (
-            f" The spec names present fallback owners for {', '.join(fallback)}, but a CIML segmentor cannot "
-            "yet predict a region it does not own."
-            if fallback
-            else ""
+        fallback = self.fallback_owners()
+        details = "; ".join(
+            f"{r} (owners {', '.join(o)}"
+            + (f"; fallback owners {', '.join(fallback[r])}" if r in fallback else "")
+            + ": all missing)"
+            for r, o in unpredictable.items()
         )
         raise CimlError(
             f"without {', '.join(missing)} these regions are not predictable: {details}. ciml does not "
-            "invent masks; give --modalities that include an owner of every region, or run "
-            f"`ciml robustness` to score the regions that are predictable.{note}"
+            "invent masks; give --modalities that include an owner (or fallback owner) of every region, or "
+            "run `ciml robustness` to score the regions that are predictable."
         )
 
     # ------------------------------------------------------------------------------------ prediction

@@ -1,6 +1,8 @@
 """The CIML loss: sum over segmentors of (BCE + soft Dice) on the regions each owns, plus beta * KL.
 
-Every term is reported separately so logs show what the optimiser is trading off.
+Every term is reported separately so logs show what the optimiser is trading off. A segmentor's fallback
+channels (regions it stands in for, the spec's ``fallback_owners``) get the same BCE + soft Dice against
+those regions' targets, reported apart as ``seg/<segmentor>/fallback`` and added to the segmentation sum.
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
 
 @dataclass
 class LossTerms:
-    """The total loss and each of its terms (detached floats for logging in ``as_dict``)."""
+    """The total loss and each of its terms (detached floats for logging in ``as_dict``).
+
+    ``per_segmentor`` maps a segmentor to its owned regions' term and ``<segmentor>/fallback`` to its
+    fallback channels' term.
+    """
 
     total: torch.Tensor
     segmentation: torch.Tensor
@@ -55,12 +61,20 @@ class CIMLLoss(torch.nn.Module):
 
     def forward(self, output: SegmentationOutput, target: torch.Tensor) -> LossTerms:
         """``target``: binary region masks [B, R, *spatial] in ``region_names`` order."""
-        per_segmentor = {}
-        for name, logits in output.logits.items():
-            channels = [self.index[r] for r in output.owned[name]]
-            owned_target = target[:, channels].to(logits.dtype)
-            bce = F.binary_cross_entropy_with_logits(logits.float(), owned_target.float())
-            per_segmentor[name] = bce + soft_dice_loss(logits, owned_target)
+        per_segmentor = {
+            name: self._region_loss(logits, output.owned[name], target)
+            for name, logits in output.logits.items()
+        }
+        for name, logits in output.fallback_logits.items():
+            per_segmentor[f"{name}/fallback"] = self._region_loss(logits, output.fallback[name], target)
         segmentation = sum(per_segmentor.values(), target.new_zeros((), dtype=torch.float32))
         total = segmentation + self.beta * output.kl if self.beta else segmentation
         return LossTerms(total, segmentation, output.kl, per_segmentor, dict(output.kl_terms))
+
+    def _region_loss(
+        self, logits: torch.Tensor, regions: Sequence[str], target: torch.Tensor
+    ) -> torch.Tensor:
+        """BCE + soft Dice of ``logits`` against the target channels of ``regions``."""
+        selected = target[:, [self.index[r] for r in regions]].to(logits.dtype)
+        bce = F.binary_cross_entropy_with_logits(logits.float(), selected.float())
+        return bce + soft_dice_loss(logits, selected)

@@ -8,6 +8,9 @@ what it received). Messages enter the decoder side: at each message level l the 
 with z from the sender's information gate (:mod:`ciml.models.gate`). The same class, without message
 levels, is the decomposition-only ablation (ciml-nomsg) and, with every segmentor owning every region,
 the ensemble baseline.
+
+A segmentor may also stand in for regions it does not own (the spec's ``fallback_owners``): its decoder
+then has extra output channels for them, after the owned ones, used only when every owner is missing.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class CIMLNet(nn.Module):
         widths: feature channels per level of every segmentor, full resolution first.
         spatial_dims: 2 or 3.
         message_levels: levels that receive messages (default: all; empty: no messages).
+        fallback: modality -> regions its segmentor stands in for when all their owners are missing
+            (regions it owns itself are ignored). Default: none, which gives the plain architecture.
 
     Example:
         >>> net = CIMLNet(["flair", "t1"], {"flair": ["WT"], "t1": ["TC"]}, widths=(4, 8), spatial_dims=2)
@@ -52,10 +57,19 @@ class CIMLNet(nn.Module):
         widths: Sequence[int],
         spatial_dims: int = 3,
         message_levels: Iterable[int] | None = None,
+        fallback: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         super().__init__()
         self.modalities = tuple(modalities)
         self.owned = {m: tuple(decomposition.get(m, ())) for m in self.modalities}
+        fallback = fallback or {}
+        unknown = sorted(set(fallback) - set(self.modalities))
+        if unknown:
+            raise ValueError(f"fallback for unknown modalities {unknown}; the model has {self.modalities}")
+        self.fallback = {
+            m: tuple(r for r in dict.fromkeys(fallback.get(m, ())) if r not in self.owned[m])
+            for m in self.modalities
+        }
         self.widths = tuple(widths)
         levels = range(len(self.widths)) if message_levels is None else message_levels
         self.message_levels = tuple(sorted(set(levels)))
@@ -64,9 +78,9 @@ class CIMLNet(nn.Module):
         self.encoders = nn.ModuleDict({m: UNetEncoder(1, self.widths, spatial_dims) for m in self.modalities})
         self.decoders = nn.ModuleDict(
             {
-                m: UNetDecoder(self.widths, len(regions), spatial_dims)
-                for m, regions in self.owned.items()
-                if regions
+                m: UNetDecoder(self.widths, len(self.owned[m]) + len(self.fallback[m]), spatial_dims)
+                for m in self.modalities
+                if self.owned[m] or self.fallback[m]
             }
         )
         self.gates = nn.ModuleDict(
@@ -108,10 +122,19 @@ class CIMLNet(nn.Module):
                 skips[level] = skips[level] + self._messages(
                     level, receiver, features, close_gates, return_maps, output
                 )
-            output.logits[receiver] = self.decoders[receiver](skips)
-            output.owned[receiver] = self.owned[receiver]
+            self._record(receiver, self.decoders[receiver](skips), output)
         output.kl = sum(output.kl_terms.values(), kl)
         return output
+
+    def _record(self, segmentor: str, logits: torch.Tensor, output: SegmentationOutput) -> None:
+        """Split a decoder's channels into owned logits and fallback logits (kept apart, never mixed)."""
+        owned = len(self.owned[segmentor])
+        if owned:
+            output.logits[segmentor] = logits[:, :owned]
+            output.owned[segmentor] = self.owned[segmentor]
+        if self.fallback[segmentor]:
+            output.fallback_logits[segmentor] = logits[:, owned:]
+            output.fallback[segmentor] = self.fallback[segmentor]
 
     def _messages(
         self,

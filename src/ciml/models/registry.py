@@ -32,12 +32,35 @@ class ModelEntry:
     fixed_beta: float | None = None
 
 
+def _fallback_by_modality(spec: TaskSpec) -> dict[str, tuple[str, ...]]:
+    """The spec's ``fallback_owners`` (region -> modalities) as modality -> regions it stands in for."""
+    out: dict[str, list[str]] = {}
+    for region, modalities in spec.fallback_owners.items():
+        for modality in modalities:
+            out.setdefault(modality, []).append(region)
+    return {m: tuple(regions) for m, regions in out.items()}
+
+
 def _ciml(spec: TaskSpec, widths: Sequence[int], spatial_dims: int, message_levels=None) -> nn.Module:
-    return CIMLNet(spec.modality_names, spec.decomposition, widths, spatial_dims, message_levels)
+    return CIMLNet(
+        spec.modality_names,
+        spec.decomposition,
+        widths,
+        spatial_dims,
+        message_levels,
+        fallback=_fallback_by_modality(spec),
+    )
 
 
 def _ciml_nomsg(spec: TaskSpec, widths: Sequence[int], spatial_dims: int, message_levels=None) -> nn.Module:
-    return CIMLNet(spec.modality_names, spec.decomposition, widths, spatial_dims, message_levels=())
+    return CIMLNet(
+        spec.modality_names,
+        spec.decomposition,
+        widths,
+        spatial_dims,
+        message_levels=(),
+        fallback=_fallback_by_modality(spec),
+    )
 
 
 def _ensemble(spec: TaskSpec, widths: Sequence[int], spatial_dims: int, message_levels=None) -> nn.Module:

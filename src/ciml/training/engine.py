@@ -8,6 +8,7 @@ and scale over GPUs or nodes with PyTorch DDP launched by ``torchrun``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -31,6 +32,7 @@ from ciml.devices import resolve_device
 from ciml.errors import CimlError
 from ciml.files import write_json_atomic
 from ciml.inference.sliding import sliding_window_probabilities
+from ciml.locks import folder_lock
 from ciml.models import CIMLNet, build_model
 from ciml.tasks import TaskSpec, load_task
 from ciml.training.logging import RunLogger
@@ -253,14 +255,22 @@ def _check_run_folder(run: RunFolder, settings: TrainSettings) -> None:
     has_checkpoint = run.checkpoint(settings.fold, "last").is_file()
     if settings.resume and not has_checkpoint:
         raise CimlError(f"--resume: no checkpoint to resume from in {fold_dir}")
-    if not settings.resume and fold_dir.exists() and any(fold_dir.iterdir()):
+    if (
+        not settings.resume
+        and fold_dir.exists()
+        and any(not p.name.startswith(".") for p in fold_dir.iterdir())
+    ):
         raise CimlError(
             f"{fold_dir} already holds a training run; pass --resume to continue it or choose another --out"
         )
 
 
 def train(settings: TrainSettings) -> RunFolder:
-    """Train one fold; returns the run folder. See the module docstring for what it writes."""
+    """Train one fold; returns the run folder. See the module docstring for what it writes.
+
+    The fold's folder is locked while training (a second process gets a clear message), taken only
+    after the dataset passed its integrity check, so a refused dataset leaves nothing behind.
+    """
     rank, world, device = _init_distributed(settings.device)
     spec = load_task(settings.task)
     run = RunFolder(settings.out)
@@ -269,6 +279,20 @@ def train(settings: TrainSettings) -> RunFolder:
     ensure_dataset_ok(
         cases, spec, source=settings.data, require_labels=True, progress=settings.progress and rank == 0
     )
+    lock = folder_lock(run.fold_dir(settings.fold)) if rank == 0 else contextlib.nullcontext()
+    with lock:
+        return _train_checked(settings, spec, run, cases, rank, world, device)
+
+
+def _train_checked(
+    settings: TrainSettings,
+    spec: TaskSpec,
+    run: RunFolder,
+    cases: list[Case],
+    rank: int,
+    world: int,
+    device: torch.device,
+) -> RunFolder:
     settings = _resolve_sizes(settings, spec, device, lambda widths: 2 ** (len(widths) - 1))
     split = _load_or_make_splits(run, cases, settings)
     by_id = {c.case_id: c for c in cases}
