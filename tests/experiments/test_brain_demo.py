@@ -21,9 +21,11 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys) -> None:
     ]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "5/5 evaluating" in printed and "WT" in printed
+    assert "5/6 evaluating" in printed and "WT" in printed and "report.html" in printed
     summary = json.loads((out / "demo.json").read_text())
-    assert set(summary["timings_s"]) == {"phantom", "check", "train", "predict", "evaluate"}
+    assert set(summary["timings_s"]) == {"phantom", "check", "train", "predict", "evaluate", "report"}
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "WT" in html
     prediction = nib.load(out / "predictions" / "BraTS20_Training_901.nii.gz")
     reference = nib.load(out / "data" / "test" / "BraTS20_Training_901" / "BraTS20_Training_901_seg.nii.gz")
     assert prediction.shape == reference.shape

@@ -24,6 +24,8 @@ SUBCOMMANDS = (
     "predict",
     "evaluate",
     "robustness",
+    "explain",
+    "report",
     "tasks",
 )
 

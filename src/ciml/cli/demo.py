@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Write BraTS-layout brain tumour phantoms (2 mm, real MNI152 anatomy) for training and testing, "
             "check them, train CIML, predict the held-out test cases and evaluate them with the BraTS "
             "conventions. Everything lands in --out: data/, run/ (checkpoints, log, progress.png), "
-            "predictions/ (NIfTI label maps), metrics.json/csv and demo.json. "
+            "predictions/ (NIfTI label maps), metrics.json/csv, report.html (self-contained: curves, "
+            "tables, overlays, Grad-CAM and information maps) and demo.json. "
             "For the ShapeComposition verification of the method see `ciml shapes`."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -63,6 +64,6 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
     )
-    run_brain_demo(args.out, config, progress=not args.no_progress)
-    print(f"\ndemo finished: {args.out}")
+    summary = run_brain_demo(args.out, config, progress=not args.no_progress)
+    print(f"\ndemo finished: {args.out}\nopen the report in a browser: {summary['report']}")
     return 0

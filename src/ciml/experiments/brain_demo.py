@@ -19,6 +19,7 @@ from ciml.errors import CimlError
 from ciml.evaluation.evaluate import evaluate_folders
 from ciml.files import write_json_atomic
 from ciml.inference.predict import InferenceSettings, predict_folder
+from ciml.report import write_report
 from ciml.tasks import load_task
 from ciml.training.engine import TrainSettings, train
 
@@ -56,14 +57,14 @@ def run_brain_demo(
         started = time.perf_counter()
 
     train_dir, test_dir = out / "data" / "train", out / "data" / "test"
-    log(f"1/5 writing {config.train_cases}+{config.test_cases} brain phantom cases (2 mm, MNI152 anatomy)")
+    log(f"1/6 writing {config.train_cases}+{config.test_cases} brain phantom cases (2 mm, MNI152 anatomy)")
     make_brats_phantom(train_dir, config.train_cases, seed=config.seed, spacing_mm=2.0, progress=progress)
     make_brats_phantom(
         test_dir, config.test_cases, seed=config.seed + 1, spacing_mm=2.0, first_index=901, progress=progress
     )
     step("phantom")
 
-    log("2/5 checking the data")
+    log("2/6 checking the data")
     for folder in (train_dir, test_dir):
         report = check_folder(folder, spec, progress=False)
         log(f"  {folder.name}: {report.summary()}")
@@ -71,7 +72,7 @@ def run_brain_demo(
             raise CimlError(f"{folder}: the phantom failed its integrity check: {report.errors[0]}")
     step("check")
 
-    log(f"3/5 training {config.model} for {config.iterations} iterations")
+    log(f"3/6 training {config.model} for {config.iterations} iterations")
     run = train(
         TrainSettings(
             task=TASK,
@@ -92,17 +93,29 @@ def run_brain_demo(
     )
     step("train")
 
-    log("4/5 predicting the held-out test cases")
+    log("4/6 predicting the held-out test cases")
     predictions = out / "predictions"
     settings = InferenceSettings(device=config.device, patch_size=config.inference_patch)
     predict_folder(run, test_dir, predictions, settings=settings, progress=progress)
     step("predict")
 
-    log("5/5 evaluating with the BraTS conventions")
+    log("5/6 evaluating with the BraTS conventions")
     result = evaluate_folders(predictions, test_dir, spec)
     result.write(out / "metrics.json", out / "metrics.csv", overwrite=True)
     step("evaluate")
     log(result.table())
-    summary = {"config": config.__dict__, "timings_s": timings, "metrics": result.to_dict()["summary"]}
+
+    log("6/6 writing the report (explains one test case)")
+    report = write_report(
+        run, out / "report.html", pred_dir=predictions, ref_dir=test_dir, device=config.device, overwrite=True
+    )
+    step("report")
+    log(f"report: {report}")
+    summary = {
+        "config": config.__dict__,
+        "timings_s": timings,
+        "metrics": result.to_dict()["summary"],
+        "report": str(report),
+    }
     write_json_atomic(out / "demo.json", summary)
     return summary
