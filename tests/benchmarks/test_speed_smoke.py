@@ -37,7 +37,7 @@ def test_quick_run_writes_four_rows_with_ratios_to_joint(tmp_path: Path) -> None
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(out.read_text())
+    result = json.loads(out.read_text(encoding="utf-8"))
     rows = {row["network"]: row for row in result["rows"]}
     assert tuple(rows) == NETWORKS
     for name, row in rows.items():
@@ -56,11 +56,11 @@ def test_quick_run_writes_four_rows_with_ratios_to_joint(tmp_path: Path) -> None
 
 def test_existing_output_is_refused_before_measuring(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "x.json"
-    out.write_text("keep me")
+    out.write_text("keep me", encoding="utf-8")
     assert load_speed().main(["--quick", "--device", "cpu", "--out", str(out)]) == 1
     error = capsys.readouterr().err
     assert "--overwrite" in error and str(out) in error
-    assert out.read_text() == "keep me"
+    assert out.read_text(encoding="utf-8") == "keep me"
 
 
 def test_live_tensor_bytes_counts_the_peak_of_tensors_alive_together() -> None:

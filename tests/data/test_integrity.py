@@ -395,19 +395,19 @@ def test_cli_json_report_is_written_atomically_and_not_overwritten(
     _file(dataset, "t1").unlink()
     args = ["check-data", "--task", "brats2020", "--data", str(dataset), "--json", str(out), "--quiet"]
     assert main(args) == 1
-    report = json.loads(out.read_text())
+    report = json.loads(out.read_text(encoding="utf-8"))
     assert report["task"] == "brats2020"
     assert report["ok"] is False
     assert report["counts"] == {"error": 1, "warning": 0, "note": 0}
     assert report["problems"][0]["file"] == str(_file(dataset, "t1"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["brats", "report.json"]  # no temporary left
 
-    out.write_text("keep")
+    out.write_text("keep", encoding="utf-8")
     assert main(args) == 1
     assert "already exists" in capsys.readouterr().err
-    assert out.read_text() == "keep"
+    assert out.read_text(encoding="utf-8") == "keep"
     assert main([*args, "--overwrite"]) == 1
-    assert json.loads(out.read_text())["n_cases"] == 2
+    assert json.loads(out.read_text(encoding="utf-8"))["n_cases"] == 2
 
 
 def test_cli_require_labels_fails_a_set_without_labels(

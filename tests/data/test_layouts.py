@@ -51,7 +51,7 @@ def test_brats_training_and_validation_folders(tmp_path: Path) -> None:
     _brats_case(train, "BraTS20_Training_001")
     _brats_case(train, "BraTS20_Training_002", suffix=".nii")
     _brats_case(val, "BraTS20_Validation_001", seg=False)
-    (train / "name_mapping.csv").write_text("Grade,BraTS_2020_subject_ID\n")
+    (train / "name_mapping.csv").write_text("Grade,BraTS_2020_subject_ID\n", encoding="utf-8")
 
     assert detect_layout(tmp_path) == "brats"
     cases = {c.case_id: c for c in read_dataset(tmp_path, "brats2020")}
@@ -122,7 +122,7 @@ def test_autopet_patient_study_folders_group_by_patient(tmp_path: Path) -> None:
     _autopet_study(root / "PETCT_0af7ffe12a" / "08-12-2005-NA-PET-CT Ganzkoerper  primaer mit KM-96698")
     _autopet_study(root / "PETCT_0af7ffe12a" / "10-01-2006-NA-PET-CT Ganzkoerper  primaer mit KM-12345")
     _autopet_study(root / "PETCT_1285b86bea" / "03-05-2004-NA-PET-CT-43210", seg=False)
-    (root / "fdg_metadata.csv").write_text("Subject ID\n")
+    (root / "fdg_metadata.csv").write_text("Subject ID\n", encoding="utf-8")
 
     assert detect_layout(root) == "autopet"
     cases = read_dataset(root, "autopet")
@@ -187,7 +187,7 @@ def _nnunet(root: Path, channels: dict[str, str], cases: tuple[str, ...], **extr
     info = {"channel_names": channels, "labels": {"background": 0, "a": 1}, "numTraining": len(cases)}
     info |= {"file_ending": ".nii.gz"} | extra
     root.mkdir(parents=True, exist_ok=True)
-    (root / "dataset.json").write_text(json.dumps(info))
+    (root / "dataset.json").write_text(json.dumps(info), encoding="utf-8")
     for cid in cases:
         for channel in channels:
             _nii(root / "imagesTr" / f"{cid}_{int(channel):04d}.nii.gz")
@@ -236,7 +236,7 @@ def test_nnunet_channel_count_mismatch(tmp_path: Path) -> None:
         (lambda root: _edit_json(root, numTraining=5), "'numTraining' is 5 but .* holds 1 cases"),
         (lambda root: _edit_json(root, file_ending=None), "'file_ending': missing required key"),
         (lambda root: _edit_json(root, channel_names={"0": "CT", "2": "PT"}), "ids must be 0..1"),
-        (lambda root: (root / "dataset.json").write_text("{oops"), "not valid JSON"),
+        (lambda root: (root / "dataset.json").write_text("{oops", encoding="utf-8"), "not valid JSON"),
         (lambda root: _nii(root / "imagesTr" / "c1.nii.gz"), r"c1\.nii\.gz: not named CASE_XXXX\.nii\.gz"),
         (lambda root: _nii(root / "imagesTr" / "c1_0002.nii.gz"), "channel 0002, but .* lists 2 channels"),
     ],
@@ -249,13 +249,13 @@ def test_nnunet_malformed_dataset(tmp_path: Path, change, message: str) -> None:
 
 
 def _edit_json(root: Path, **changes: object) -> None:
-    info = json.loads((root / "dataset.json").read_text())
+    info = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     for key, value in changes.items():
         if value is None:
             info.pop(key)
         else:
             info[key] = value
-    (root / "dataset.json").write_text(json.dumps(info))
+    (root / "dataset.json").write_text(json.dumps(info), encoding="utf-8")
 
 
 def test_nnunet_with_itk_file_ending_and_test_folder(tmp_path: Path) -> None:
@@ -265,7 +265,7 @@ def test_nnunet_with_itk_file_ending_and_test_folder(tmp_path: Path) -> None:
         "labels": {"background": 0, "GTVp": 1},
         "file_ending": ".mha",
     }
-    (tmp_path / "dataset.json").write_text(json.dumps(info))
+    (tmp_path / "dataset.json").write_text(json.dumps(info), encoding="utf-8")
     (tmp_path / "imagesTs").mkdir()
     for channel in (0, 1):
         image = sitk.GetImageFromArray(np.random.default_rng(channel).normal(size=SHAPE).astype(np.float32))
@@ -287,7 +287,8 @@ def test_csv_list_with_relative_and_absolute_paths(tmp_path: Path) -> None:
     listing.write_text(
         "case_id,FLAIR,t1,t1ce,t2,label,group\n"
         f"p1,../scans/flair.nii.gz,../scans/t1.nii.gz,{t1ce},../scans/t2.nii.gz,../scans/seg.nii.gz,patient1\n"
-        f"p2,{flair},{t1},{t1ce},{t2},,\n"
+        f"p2,{flair},{t1},{t1ce},{t2},,\n",
+        encoding="utf-8",
     )
     assert detect_layout(listing) == "csv"
     first, second = read_dataset(listing, "brats2020")
@@ -310,7 +311,7 @@ def test_csv_list_with_relative_and_absolute_paths(tmp_path: Path) -> None:
 )
 def test_csv_list_errors(tmp_path: Path, text: str, message: str) -> None:
     listing = tmp_path / "cases.csv"
-    listing.write_text(text)
+    listing.write_text(text, encoding="utf-8")
     with pytest.raises(DatasetLayoutError, match=message) as info:
         read_dataset(listing, "brats2020")
     assert str(listing) in str(info.value)
@@ -326,7 +327,7 @@ def test_unreadable_folders_give_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(DatasetLayoutError, match="no such folder"):
         read_dataset(tmp_path / "absent", "brats2020")
     (tmp_path / "odd").mkdir()
-    (tmp_path / "odd" / "readme.txt").write_text("hi")
+    (tmp_path / "odd" / "readme.txt").write_text("hi", encoding="utf-8")
     with pytest.raises(DatasetLayoutError, match=r"odd: unrecognised dataset layout \(holds readme\.txt\)"):
         read_dataset(tmp_path / "odd", "brats2020")
     with pytest.raises(DatasetLayoutError, match="unknown layout 'kaggle'"):

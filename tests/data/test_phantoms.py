@@ -159,12 +159,12 @@ def test_brats_seed_changes_case(brats_case):
 def test_brats_refuses_non_empty_case_folder(tmp_path):
     folder = tmp_path / "BraTS20_Training_002"
     folder.mkdir()
-    (folder / "mine.txt").write_text("keep me")
+    (folder / "mine.txt").write_text("keep me", encoding="utf-8")
     with pytest.raises(CimlError, match="BraTS20_Training_002.*not empty.*overwrite"):
         make_brats_phantom(tmp_path, n_cases=2, seed=0, spacing_mm=2.0)
     # Refused before anything was generated: case 001 was not written either.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["BraTS20_Training_002"]
-    assert (folder / "mine.txt").read_text() == "keep me"
+    assert (folder / "mine.txt").read_text(encoding="utf-8") == "keep me"
 
 
 def test_brats_rejects_bad_arguments(tmp_path):
@@ -172,7 +172,7 @@ def test_brats_rejects_bad_arguments(tmp_path):
         brats_phantom_case(seed=0, spacing_mm=1.5)
     with pytest.raises(CimlError, match="n_cases"):
         make_brats_phantom(tmp_path, n_cases=0)
-    (tmp_path / "file").write_text("x")
+    (tmp_path / "file").write_text("x", encoding="utf-8")
     with pytest.raises(CimlError, match="not a folder"):
         make_brats_phantom(tmp_path / "file", n_cases=1)
 

@@ -150,7 +150,7 @@ def test_agrees_with_itk_own_nifti_export(data_dir: Path, tmp_path: Path) -> Non
 def test_case_list_of_real_scans_passes_the_integrity_check(data_dir: Path, tmp_path: Path) -> None:
     listing = tmp_path / "cases.csv"
     rows = [f"{s},{data_dir / f'{s}_image.nrrd'},{data_dir / f'{s}_label.nrrd'}" for s in SCANS]
-    listing.write_text("case_id,scan,label\n" + "\n".join(rows) + "\n")
+    listing.write_text("case_id,scan,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
     cases = read_dataset(listing, SPEC)
     assert [c.case_id for c in cases] == list(SCANS)
     report = check_dataset(cases, SPEC, progress=False)
@@ -159,7 +159,8 @@ def test_case_list_of_real_scans_passes_the_integrity_check(data_dir: Path, tmp_
 
     mixed = tmp_path / "mixed.csv"
     mixed.write_text(
-        f"case_id,scan,label\nbad,{data_dir / 'brain1_image.nrrd'},{data_dir / 'lung1_label.nrrd'}\n"
+        f"case_id,scan,label\nbad,{data_dir / 'brain1_image.nrrd'},{data_dir / 'lung1_label.nrrd'}\n",
+        encoding="utf-8",
     )
     (problem,) = check_dataset(read_dataset(mixed, SPEC), SPEC, progress=False).errors
     assert problem.file == str(data_dir / "lung1_label.nrrd")

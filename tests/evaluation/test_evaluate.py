@@ -82,7 +82,7 @@ def test_brats_round_trip_matches_case_metrics_and_writes_json_and_csv(tmp_path)
 
     out = tmp_path / "out"
     result.write(out / "metrics.json", out / "metrics.csv")
-    data = json.loads((out / "metrics.json").read_text())
+    data = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert data["task"] == "brats2020" and data["n_cases"] == 3
     assert data["cases"]["case_b"]["ET"]["dice"] == 0.0
     assert data["summary"]["regions"]["WT"]["hd95"]["mean"] == pytest.approx(
@@ -176,7 +176,7 @@ def test_autopet_negative_cases_are_null_dice_and_counted_out(tmp_path):
     assert math.isnan(result.cases["PETCT_neg"]["lesion"]["dice"])
     assert result.summary["regions"]["lesion"]["dice"] == {"mean": 1.0, "median": 1.0, "std": 0.0, "n": 1}
     result.write(tmp_path / "m.json")
-    data = json.loads((tmp_path / "m.json").read_text())
+    data = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
     assert data["cases"]["PETCT_neg"]["lesion"]["dice"] is None
 
 
@@ -248,12 +248,12 @@ def test_write_refuses_to_overwrite_and_is_atomic(tmp_path, monkeypatch):
     result = evaluate_folders(*write_flat(tmp_path, brats_cases()), "brats2020")
     target = tmp_path / "out" / "metrics.json"
     target.parent.mkdir()
-    target.write_text("keep me")
+    target.write_text("keep me", encoding="utf-8")
     with pytest.raises(EvaluationError, match="already exists"):
         result.write(target)
-    assert target.read_text() == "keep me"
+    assert target.read_text(encoding="utf-8") == "keep me"
     result.write(target, overwrite=True)
-    assert json.loads(target.read_text())["n_cases"] == 3
+    assert json.loads(target.read_text(encoding="utf-8"))["n_cases"] == 3
 
     def fail(*args):
         raise OSError("disk full")
@@ -291,15 +291,15 @@ def test_cli_writes_outputs_and_refuses_to_overwrite(tmp_path, cli, capsys):
     assert cli([*argv, "--csv", str(table)]) == 0
     printed = capsys.readouterr().out
     assert "WT" in printed and "dice" in printed and "hd95" in printed
-    first = out.read_text()
+    first = out.read_text(encoding="utf-8")
     assert json.loads(first)["n_cases"] == 3 and table.is_file()
 
-    out.write_text("previous run")
+    out.write_text("previous run", encoding="utf-8")
     assert cli(argv) == 1
     assert "already exists" in capsys.readouterr().err
-    assert out.read_text() == "previous run"
+    assert out.read_text(encoding="utf-8") == "previous run"
     assert cli([*argv, "--overwrite"]) == 0
-    assert out.read_text() == first
+    assert out.read_text(encoding="utf-8") == first
 
 
 def test_cli_reports_bad_input_in_one_line_and_writes_nothing(tmp_path, cli, capsys):

@@ -126,13 +126,13 @@ def test_cli_writes_json_csv_markdown_and_refuses_to_overwrite(tmp_path, spec, d
     args = ["robustness", "--run", str(run.path), "--data", str(data), "--out", str(out), "--device", "cpu"]
     assert main(args) == 0
     assert "ct+pet" in capsys.readouterr().out
-    rows = list(csv.reader((out / "robustness.csv").open()))
+    rows = list(csv.reader((out / "robustness.csv").open(encoding="utf-8")))
     assert rows[0] == ["modalities", "GTVp", "GTVn", "mean"]
     assert [r[0] for r in rows[1:]] == ["ct+pet", "ct", "pet"]
     assert rows[2][2] == "n/a" and rows[2][1] != "n/a"
-    record = json.loads((out / "robustness.json").read_text())
+    record = json.loads((out / "robustness.json").read_text(encoding="utf-8"))
     assert record["subsets"]["ct"]["dice"]["GTVn"] is None and record["dice"] == "aggregated Dice over cases"
-    assert "| ct | " in (out / "robustness.md").read_text()
+    assert "| ct | " in (out / "robustness.md").read_text(encoding="utf-8")
     assert main(args) == 1
     assert "already exists" in capsys.readouterr().err
 

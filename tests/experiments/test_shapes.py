@@ -22,7 +22,7 @@ def test_shapes_writes_table_json_and_figure(tmp_path, capsys) -> None:
     printed = capsys.readouterr().out
     for method in ("ciml", "ciml-beta0", "joint", "ensemble", "unimodal m0", "unimodal m1"):
         assert f"| {method}" in printed
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert set(results["methods"]) == {"ciml", "ciml-beta0", "joint", "ensemble"}
     ciml = results["methods"]["ciml"]
     assert 0.0 <= ciml["composite_dice"] <= 1.0
@@ -37,10 +37,10 @@ def test_shapes_writes_table_json_and_figure(tmp_path, capsys) -> None:
 def test_shapes_refuses_to_overwrite_without_flag(tmp_path, capsys) -> None:
     out = tmp_path / "demo"
     out.mkdir()
-    (out / "results.json").write_text("{}")
+    (out / "results.json").write_text("{}", encoding="utf-8")
     assert main(["shapes", "--out", str(out), *TINY]) == 1
     assert "already exists" in capsys.readouterr().err
-    assert (out / "results.json").read_text() == "{}"
+    assert (out / "results.json").read_text(encoding="utf-8") == "{}"
 
 
 def test_shapes_rejects_a_task_that_is_not_shapecomposition(tmp_path, capsys) -> None:

@@ -161,7 +161,7 @@ def test_explain_writes_maps_on_the_cases_grid_that_keep_the_information(dataset
         assert image.shape == SHAPE and image.get_data_dtype() == np.float32
         np.testing.assert_allclose(image.affine, source.affine)
         assert np.asarray(image.dataobj).min() >= 0
-    written = json.loads((folder / "explanation.json").read_text())
+    written = json.loads((folder / "explanation.json").read_text(encoding="utf-8"))
     assert written["information_nats_per_voxel"] == pytest.approx(summary["information_nats_per_voxel"])
     assert sum(written["information_nats_per_voxel"].values()) == pytest.approx(written["kl_nats_per_voxel"])
     # this grid needs no resampling, so each written map is the preprocessed one, reoriented: same mean
@@ -205,7 +205,7 @@ def test_cli_explains_a_joint_run_and_says_how(dataset, tmp_path, capsys):
     assert main([*args, "--device", "cpu", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "input_gradient" in printed and "joint:WT" in printed
-    summary = json.loads((tmp_path / "out" / "case1" / "explanation.json").read_text())
+    summary = json.loads((tmp_path / "out" / "case1" / "explanation.json").read_text(encoding="utf-8"))
     assert any("input-gradient x input" in note for note in summary["notes"])
     assert not list((tmp_path / "out" / "case1").glob("info_*"))  # no gates, no information maps
     assert main([*args, "--device", "cpu"]) == 1  # refuses to overwrite

@@ -198,3 +198,17 @@ def test_rgb_voxels_are_refused_by_name(tmp_path) -> None:
     nib.save(nib.Nifti1Image(rgba, np.eye(4)), path)
     with pytest.raises(ImageReadError, match=r"rgb\.nii\.gz.*not a scalar number"):
         load_image(path)
+
+
+def test_an_affine_without_a_direction_for_an_axis_is_refused_by_name(tmp_path) -> None:
+    """Found by the fuzzer: axis codes ('R', 'S', None) crashed check-data's orientation line."""
+    from ciml.data.io import ImageReadError, read_header
+
+    affine = np.eye(4)
+    affine[2, 1] = 2.2518e15  # the fuzzer's sform: invertible, but axis 2 is lost next to a huge shear
+    path = tmp_path / "skew.nii.gz"
+    image = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), affine)
+    image.header.set_zooms((1.0, 1.0, 1.0))  # as in the fuzzer's file: sane voxel sizes, broken sform
+    nib.save(image, path)
+    with pytest.raises(ImageReadError, match=r"skew\.nii\.gz: corrupt header"):
+        read_header(path)

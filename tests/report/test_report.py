@@ -99,7 +99,7 @@ def embedded_images(html: str) -> list[tuple[bytes, int, int]]:
 
 
 def test_every_section_is_filled_and_nothing_leaves_the_page(report):
-    html = report.read_text()
+    html = report.read_text(encoding="utf-8")
     for section, _ in SECTIONS:
         assert f'<section id="{section}">' in html
     assert 'class="missing"' not in html  # every input was given: no section is empty
@@ -124,14 +124,14 @@ def test_every_section_is_filled_and_nothing_leaves_the_page(report):
 def test_missing_inputs_are_named_and_reports_are_never_overwritten(project, tmp_path, capsys):
     out = tmp_path / "bare.html"
     write_report(project["run"], out, explain_cases=0)
-    html = out.read_text()
+    html = out.read_text(encoding="utf-8")
     for section in ("evaluation", "cases", "explanations"):
         block = html[html.index(f'<section id="{section}">') :]
         assert block.index('class="missing"') < block.index("</section>")
     assert "--pred" in html and "ciml explain" in html
     with pytest.raises(CimlError, match="already exists"):
         write_report(project["run"], out, explain_cases=0)
-    assert out.read_text() == html
+    assert out.read_text(encoding="utf-8") == html
 
     run, pred = str(project["run"]), str(project["pred"])
     assert main(["report", "--run", run, "--pred", pred, "--out", str(tmp_path / "x.html")]) == 1
@@ -144,7 +144,7 @@ def test_missing_inputs_are_named_and_reports_are_never_overwritten(project, tmp
 def test_explanations_written_by_ciml_explain_are_embedded(project, tmp_path):
     explain_cases(project["run"], ["case2"], tmp_path / "explained", device="cpu", progress=False)
     out = write_report(project["run"], tmp_path / "r.html", explanations=tmp_path / "explained")
-    html = out.read_text()
+    html = out.read_text(encoding="utf-8")
     gradcam = (tmp_path / "explained" / "case2" / "gradcam.png").read_bytes()
     assert base64.b64encode(gradcam).decode() in html and "<h3>case2</h3>" in html
     with pytest.raises(CimlError, match="explanation.json"):
@@ -218,7 +218,7 @@ def test_headless_chromium_shows_the_table_and_the_images(chromium, report, tmp_
     assert shot.std() > 20 and (luminance < 240).mean() > 0.05  # not a blank page
 
     # the first case's overlay, drawn 1:1 where the page places it, full of image-like variety
-    html = report.read_text()
+    html = report.read_text(encoding="utf-8")
     cases = html[html.index('<section id="cases">') :]
     png, width, height = embedded_images(cases)[0]
     with Image.open(io.BytesIO(png)) as image:

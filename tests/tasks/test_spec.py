@@ -53,7 +53,7 @@ def test_intersection_steps_paint_only_where_all_regions_are_on() -> None:
 
 def test_user_yaml_file_loads(tmp_path) -> None:
     path = tmp_path / "mine.yaml"
-    path.write_text(yaml.safe_dump(BRATS))
+    path.write_text(yaml.safe_dump(BRATS), encoding="utf-8")
     assert load_task(path).name == "mine"
 
 
@@ -85,6 +85,6 @@ def test_missing_key_and_unknown_name_are_clear(tmp_path) -> None:
     with pytest.raises(TaskSpecError, match="not a preset"):
         load_task("no-such-task")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: [unclosed")
+    bad.write_text("name: [unclosed", encoding="utf-8")
     with pytest.raises(TaskSpecError, match="bad.yaml: not valid YAML"):
         load_task(bad)

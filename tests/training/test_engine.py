@@ -74,9 +74,9 @@ def test_training_writes_the_run_folder_logs_and_plot(dataset, tmp_path) -> None
         main(_train(dataset, out, "--iterations", "4", "--validate-every", "2", "--modality-dropout", "0.5"))
         == 0
     )
-    info = json.loads((out / "run.json").read_text())
+    info = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert {"task", "model", "preprocessing", "patch_size", "data", "train"} <= set(info)
-    splits = json.loads((out / "splits_final.json").read_text())
+    splits = json.loads((out / "splits_final.json").read_text(encoding="utf-8"))
     assert len(splits) == 4 and all(not set(s["train"]) & set(s["val"]) for s in splits)
     fold = out / "fold_0"
     assert {"checkpoint_last.pt", "checkpoint_best.pt", "log.jsonl", "progress.png"} <= {

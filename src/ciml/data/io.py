@@ -75,7 +75,7 @@ class ImageHeader:
     @property
     def orientation(self) -> str:
         """Axis codes such as ``RAS`` or ``LPS``: where each voxel axis points."""
-        return "".join(nib.orientations.aff2axcodes(self.affine))
+        return "".join(code or "?" for code in nib.orientations.aff2axcodes(self.affine))
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:
@@ -180,6 +180,13 @@ def check_header(header: ImageHeader) -> ImageHeader:
     if not np.isfinite(header.affine).all() or abs(np.linalg.det(header.affine[:3, :3])) < 1e-12:
         raise ImageReadError(
             header.path, "corrupt header: the voxel-to-world affine is not finite/invertible"
+        )
+    axes = nib.orientations.aff2axcodes(header.affine)
+    if None in axes:
+        raise ImageReadError(
+            header.path,
+            f"corrupt header: the affine gives voxel axis {axes.index(None)} no clear world direction "
+            f"(axis codes {axes})",
         )
     return header
 

@@ -145,7 +145,7 @@ def load_dataset_json(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise DatasetLayoutError(path, f"cannot read: {exc}") from None
     except json.JSONDecodeError as exc:

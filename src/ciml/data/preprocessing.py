@@ -796,7 +796,7 @@ class PreprocessedCache:
         if not path.is_file():
             return None
         try:
-            record = json.loads(path.read_text())
+            record = json.loads(path.read_text(encoding="utf-8"))
             if record.get("plan_hash") != self.plan_hash or record.get("case_id") != case_id:
                 return None
             if case is not None and not _sources_unchanged(record.get("source_stats", {}), case):

@@ -313,7 +313,7 @@ def explanations_from_folder(folder: Path, modalities: Sequence[str], max_cases:
     blocks = []
     for summary_path in sorted(folder.glob("*/explanation.json"))[:max_cases]:
         try:
-            summary = json.loads(summary_path.read_text())
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CimlError(f"{summary_path}: not valid JSON ({exc})") from None
         figures = {n: (summary_path.parent / n).read_bytes() for n in EXPLANATION_FIGURES
@@ -345,7 +345,7 @@ def robustness_section(path: Path | None) -> dict[str, Any]:
         where = f" (looked for {path})" if path is not None else ""
         return {"grid": None, "missing": f"Not computed{where}: run `ciml robustness --run RUN --data DATA`."}
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
         regions = list(data["regions"])
         grid = [["modalities", *regions, "mean"]]
         notes = []

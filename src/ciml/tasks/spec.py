@@ -323,12 +323,14 @@ def load_task(name_or_path: str | Path | TaskSpec | Mapping[str, Any]) -> TaskSp
     text_name = str(name_or_path)
     if text_name in preset_names():
         resource = resources.files("ciml.tasks") / "presets" / f"{text_name}.yaml"
-        return TaskSpec.from_dict(yaml.safe_load(resource.read_text()), source=f"preset {text_name}")
+        return TaskSpec.from_dict(
+            yaml.safe_load(resource.read_text(encoding="utf-8")), source=f"preset {text_name}"
+        )
     path = Path(name_or_path)
     if not path.is_file():
         raise TaskSpecError(f"{text_name}: not a preset ({', '.join(preset_names())}) and not a YAML file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise TaskSpecError(f"{path}: not valid YAML: {exc}") from None
     return TaskSpec.from_dict(data, source=str(path))

@@ -102,7 +102,7 @@ def _load_or_make_splits(
     run: RunFolder, cases: Sequence[Case], settings: TrainSettings
 ) -> dict[str, list[str]]:
     if run.splits_path.is_file():
-        splits = json.loads(run.splits_path.read_text())
+        splits = json.loads(run.splits_path.read_text(encoding="utf-8"))
     else:
         splits = make_splits(cases, settings.folds, settings.seed)
         if _is_main():

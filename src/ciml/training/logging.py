@@ -36,7 +36,7 @@ class RunLogger:
         """Trainer callback: append the iteration's record (flushed, so a kill loses at most one line)."""
         if not self.enabled:
             return
-        with self.path.open("a") as stream:
+        with self.path.open("a", encoding="utf-8") as stream:
             stream.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in record.items():
@@ -53,7 +53,7 @@ class RunLogger:
     def record_rank_checksums(self, checksums: list[float]) -> None:
         """Log every rank's parameter checksum at the end: DDP ranks must agree exactly."""
         if self.enabled:
-            with self.path.open("a") as stream:
+            with self.path.open("a", encoding="utf-8") as stream:
                 stream.write(json.dumps({"event": "end", "rank_parameter_checksums": checksums}) + "\n")
 
     def plot(self) -> Path | None:
@@ -65,7 +65,7 @@ class RunLogger:
 def read_log(path: str | Path) -> list[dict[str, Any]]:
     """The log's records; a torn last line (killed mid-write) is skipped."""
     records = []
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:

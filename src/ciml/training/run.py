@@ -71,7 +71,7 @@ class RunFolder:
         if not self.info_path.is_file():
             raise CimlError(f"{self.path}: not a ciml run folder (no {RUN_FILE})")
         try:
-            info = json.loads(self.info_path.read_text())
+            info = json.loads(self.info_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CimlError(f"{self.info_path}: not valid JSON ({exc})") from None
         for key in ("task", "model"):
