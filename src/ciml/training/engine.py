@@ -30,13 +30,14 @@ from ciml.data.preprocessing import PreprocessedCache, PreprocessedCase, Preproc
 from ciml.data.sampling import random_mirror, sample_patches
 from ciml.devices import resolve_device
 from ciml.errors import CimlError
+from ciml.evaluation.metrics import dice
 from ciml.files import write_json_atomic
 from ciml.inference.sliding import sliding_window_probabilities
 from ciml.locks import folder_lock
 from ciml.models import CIMLNet, build_model
 from ciml.tasks import TaskSpec, load_task
 from ciml.training.logging import RunLogger
-from ciml.training.loop import Batch, TrainConfig, Trainer, dice_per_sample
+from ciml.training.loop import Batch, TrainConfig, Trainer
 from ciml.training.run import RunFolder
 
 CPU_DEFAULTS = {"patch_size": (64, 64, 64), "batch_size": 2, "widths": (16, 32, 64, 128)}
@@ -206,7 +207,7 @@ def validation_dice(
         predicted = (probabilities[0] > 0.5).cpu().numpy()
         reference = case.regions(spec).astype(bool)
         for i, region in enumerate(regions):
-            scores[region].append(float(dice_per_sample(predicted[i][None], reference[i][None])[0]))
+            scores[region].append(dice(predicted[i], reference[i]))
     result = {f"dice/{r}": float(np.mean(v)) for r, v in scores.items()}
     result["dice/mean"] = float(np.mean(list(result.values())))
     return result

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -250,23 +249,3 @@ class Trainer:
         gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, local.to(self.device) if dist.get_backend() == "nccl" else local.cpu())
         return [float(g) for g in gathered]
-
-
-def dice_per_sample(prediction: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Dice of boolean masks [N, *spatial] per sample; both empty counts as 1 (BraTS convention)."""
-    axes = tuple(range(1, prediction.ndim))
-    intersection = np.logical_and(prediction, reference).sum(axes)
-    size = prediction.sum(axes) + reference.sum(axes)
-    return np.where(size == 0, 1.0, 2.0 * intersection / np.maximum(size, 1))
-
-
-def region_dice(model: nn.Module, batches: Iterable[Batch], region_names: list[str]) -> dict[str, float]:
-    """Mean Dice per region over validation batches, regions thresholded at probability 0.5."""
-    scores: dict[str, list[np.ndarray]] = {r: [] for r in region_names}
-    for batch in batches:
-        probabilities = model(batch.image).region_probabilities(region_names)
-        prediction = (probabilities > 0.5).cpu().numpy()
-        reference = batch.target.bool().cpu().numpy()
-        for i, region in enumerate(region_names):
-            scores[region].append(dice_per_sample(prediction[:, i], reference[:, i]))
-    return {f"dice/{r}": float(np.concatenate(v).mean()) for r, v in scores.items()}
