@@ -25,14 +25,12 @@ import argparse
 import contextlib
 import functools
 import gc
-import json
 import os
 import platform
 import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -50,6 +48,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ciml import files
 from ciml.errors import CimlError
 from ciml.inference.sliding import SIGMA_SCALE, sliding_window_probabilities
 from ciml.losses import CIMLLoss
@@ -62,6 +61,7 @@ NNUNET_WIDTHS = (32, 64, 128, 256, 320)
 SEGRESNET_TUTORIAL_WIDTHS = (16, 32, 64, 128)
 BRATS_CASE = (240, 240, 155)
 BETA = 1e-3
+COMPILED = " (compiled)"
 #: Width multipliers tried for CIML's segmentors (a half-width segmentor per modality is about equal).
 WIDTH_FACTORS = tuple(round(0.30 + 0.01 * i, 2) for i in range(46))
 
@@ -102,6 +102,7 @@ class Row:
     step_ratio: float | None = None
     mem_ratio: float | None = None
     inference_ratio: float | None = None
+    reference: str = "joint"
     note: str = ""
 
 
@@ -237,17 +238,27 @@ def dynunet(in_channels: int, out_channels: int, widths: Sequence[int]) -> DynUN
 
 
 def networks(spec: TaskSpec, settings: Settings, ciml_widths: tuple[int, ...]) -> list[Network]:
-    """The networks under test, joint first (every ratio refers to it)."""
+    """The networks under test, joint first (eager ratios refer to it, compiled ones to the compiled joint).
+
+    ``ciml`` is the default grouped form (:mod:`ciml.models.grouped`); ``ciml (per-segmentor)`` is the
+    same model run segmentor by segmentor, the naive form the grouped one replaces.
+    """
     n_mod, n_reg = len(spec.modality_names), len(spec.region_names)
     joint_w, seg_w = settings.joint_widths, settings.segresnet_widths
+    def ciml_per_segmentor() -> nn.Module:
+        model = build_model("ciml", spec, widths=ciml_widths)
+        model.grouped = False
+        return model
+
     nets = [
         Network("joint", "joint", lambda: build_model("joint", spec, widths=joint_w), joint_w),
         Network("ciml", "ciml", lambda: build_model("ciml", spec, widths=ciml_widths), ciml_widths),
+        Network("ciml (per-segmentor)", "ciml", ciml_per_segmentor, ciml_widths),
         Network("dynunet", "dynunet", lambda: dynunet(n_mod, n_reg, joint_w), joint_w, ciml_output=False),
         Network("segresnet", "segresnet", lambda: build_model("segresnet", spec, widths=seg_w), seg_w),
     ]
     if settings.compile:
-        nets += [replace(net, name=f"{net.name} (compiled)", compiled=True) for net in nets[:2]]
+        nets += [replace(net, name=net.name + COMPILED, compiled=True) for net in nets[:2]]
     return nets
 
 
@@ -442,9 +453,8 @@ def measure(net: Network, spec: TaskSpec, settings: Settings, flops: int) -> Row
         )
         row.ms_per_step *= 1e3
         if net.compiled:
-            row.note = "training only; first step includes compilation"
-        else:
-            row.inference_s = measure_inference(model, spec, settings, net.ciml_output)
+            row.note = "first step includes compilation"
+        row.inference_s = measure_inference(runnable, spec, settings, net.ciml_output)
     except recoverable as error:
         row.note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
     del model, runnable
@@ -453,13 +463,16 @@ def measure(net: Network, spec: TaskSpec, settings: Settings, flops: int) -> Row
 
 
 def add_ratios(rows: list[Row]) -> None:
-    """Fill each row's ratios to the joint U-Net's row of the same run."""
-    joint = next(r for r in rows if r.network == "joint")
+    """Fill each row's ratios to the joint U-Net's row of the same run (compiled rows: the compiled joint)."""
+    by_name = {r.network: r for r in rows}
 
     def ratio(value: float | None, reference: float | None) -> float | None:
         return None if value is None or not reference else value / reference
 
     for row in rows:
+        compiled = row.network.endswith(COMPILED)
+        joint = by_name.get("joint" + COMPILED if compiled else "joint", by_name["joint"])
+        row.reference = joint.network
         row.step_ratio = ratio(row.ms_per_step, joint.ms_per_step)
         row.mem_ratio = ratio(row.peak_mem_mb, joint.peak_mem_mb)
         row.inference_ratio = ratio(row.inference_s, joint.inference_s)
@@ -532,19 +545,11 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any], overwrite: bool) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename: never a half-written result."""
+    """Write ``data`` atomically (temporary file, then rename): never a half-written result."""
     if path.exists() and not overwrite:
         raise CimlError(f"{path} already exists; pass --overwrite to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files.write_json_atomic(path, data)
 
 
 # ---------------------------------------------------------------------------------------------- API
@@ -565,8 +570,16 @@ def check_settings(settings: Settings) -> None:
         raise CimlError("--batch, --repeats and the warm-up must be at least 1")
 
 
-def run_benchmark(settings: Settings, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Measure every network under ``settings``; returns the JSON-ready result (environment, rows)."""
+def run_benchmark(
+    settings: Settings,
+    log: Callable[[str], None] = print,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Measure every network under ``settings``; returns the JSON-ready result (environment, rows).
+
+    ``on_row`` receives the partial result after each network (``"complete": false``), so a run cut
+    short (a time limit on a lent GPU) still leaves what it measured.
+    """
     check_settings(settings)
     started = time.perf_counter()
     if settings.device == "cuda":
@@ -579,30 +592,36 @@ def run_benchmark(settings: Settings, log: Callable[[str], None] = print) -> dic
         f"ciml {ciml_widths} {ciml_flops / 1e9:.2f} GFLOP (per forward of batch {settings.batch})"
     )
     flops = {"joint": joint_flops, "ciml": ciml_flops}
-    rows = []
-    for net in networks(spec, settings, ciml_widths):
+    rows: list[Row] = []
+    result: dict[str, Any] = {}
+    under_test = networks(spec, settings, ciml_widths)
+    for net in under_test:
         if net.kind not in flops:
             flops[net.kind] = forward_flops(net.build, input_shape)
         log(f"[{time.perf_counter() - started:6.1f} s] {net.name} {net.widths}: measuring ...")
         rows.append(measure(net, spec, settings, flops[net.kind]))
         log(f"[{time.perf_counter() - started:6.1f} s] {rows[-1]}")
-    add_ratios(rows)
-    return {
-        "benchmark": "speed",
-        "task": spec.name,
-        "environment": environment(settings.device),
-        "settings": asdict(settings),
-        "flops_note": "forward FLOPs of one batch, convolutions and matrix products (FlopCounterMode)",
-        "memory_note": "peak tensor memory of one training step: "
-        + (
-            "torch.cuda.max_memory_allocated minus what was allocated before the model was built"
-            if settings.device == "cuda"
-            else "bytes of live tensor storages counted op by op (LiveTensorBytes), not RSS"
-        ),
-        "process_ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "ciml_flops_match": {"joint_gflops": joint_flops / 1e9, "ciml_gflops": ciml_flops / 1e9},
-        "rows": [asdict(r) for r in rows],
-    }
+        add_ratios(rows)
+        result = {
+            "benchmark": "speed",
+            "complete": len(rows) == len(under_test),
+            "task": spec.name,
+            "environment": environment(settings.device),
+            "settings": asdict(settings),
+            "flops_note": "forward FLOPs of one batch, convolutions and matrix products (FlopCounterMode)",
+            "memory_note": "peak tensor memory of one training step: "
+            + (
+                "torch.cuda.max_memory_allocated minus what was allocated before the model was built"
+                if settings.device == "cuda"
+                else "bytes of live tensor storages counted op by op (LiveTensorBytes), not RSS"
+            ),
+            "process_ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "ciml_flops_match": {"joint_gflops": joint_flops / 1e9, "ciml_gflops": ciml_flops / 1e9},
+            "rows": [asdict(r) for r in rows],
+        }
+        if on_row is not None:
+            on_row(result)
+    return result
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -650,8 +669,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if out.exists() and not args.overwrite:  # fail before minutes of measuring, not after
             raise CimlError(f"{out} already exists; pass --overwrite to replace it")
         print(f"settings: {settings}", flush=True)
-        result = run_benchmark(settings, log=lambda line: print(line, flush=True))
-        write_json_atomic(out, result, args.overwrite)
+        result = run_benchmark(
+            settings,
+            log=lambda line: print(line, flush=True),
+            on_row=lambda partial: write_json_atomic(out, partial, overwrite=True),
+        )
     except CimlError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "speed.py"
-NETWORKS = ("joint", "ciml", "dynunet", "segresnet")
+NETWORKS = ("joint", "ciml", "ciml (per-segmentor)", "dynunet", "segresnet")
 MEASURED = ("params", "fwd_gflops", "ms_per_step", "peak_mem_mb", "inference_s")
 
 
@@ -28,7 +28,7 @@ def load_speed() -> ModuleType:
 
 
 @pytest.mark.slow
-def test_quick_run_writes_four_rows_with_ratios_to_joint(tmp_path: Path) -> None:
+def test_quick_run_writes_every_row_with_ratios_to_joint(tmp_path: Path) -> None:
     out = tmp_path / "x.json"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--out", str(out)],
@@ -50,6 +50,8 @@ def test_quick_run_writes_four_rows_with_ratios_to_joint(tmp_path: Path) -> None
     )
     # the width search matched CIML's forward FLOPs to the joint U-Net's
     assert rows["ciml"]["fwd_gflops"] == pytest.approx(rows["joint"]["fwd_gflops"], rel=0.25)
+    assert rows["ciml (per-segmentor)"]["fwd_gflops"] == rows["ciml"]["fwd_gflops"]  # same model
+    assert result["complete"] is True
     assert result["settings"]["patch"] == 16 and result["environment"]["torch"] == torch.__version__
     assert "| joint |" in proc.stdout and not list(tmp_path.glob(".*.tmp"))
 

@@ -250,7 +250,7 @@ def test_subset_prediction_is_the_forward_without_them_and_with_their_gates_clos
             gate.forward = lambda receiver, sender, closed=False, g=gate: type(g).forward(
                 g, receiver, sender, True
             )
-    with torch.no_grad():
+    with torch.no_grad(), model.per_segmentor():  # gate by gate, so the patched forwards run
         out = model(x)  # absent senders still compute, but their gates pass nothing
     kept = SegmentationOutput(
         logits={m: out.logits[m] for m in subset}, owned={m: out.owned[m] for m in subset}, kl=out.kl

@@ -8,7 +8,7 @@ cases small enough for a CPU: 2 mm BraTS-layout phantoms on the real MNI152 anat
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from ciml.evaluation.evaluate import evaluate_folders
 from ciml.files import write_json_atomic
 from ciml.inference.predict import InferenceSettings, predict_folder
 from ciml.report import write_report
-from ciml.tasks import load_task
+from ciml.tasks import TaskSpec, load_task
 from ciml.training.engine import TrainSettings, train
 
 TASK = "brats2020"
@@ -42,6 +42,68 @@ class BrainDemoConfig:
     device: str = "auto"
 
 
+def write_phantoms(data_dir: Path, config: BrainDemoConfig, progress: bool = True) -> tuple[Path, Path]:
+    """Write the training and the held-out test phantoms (2 mm) under ``data_dir``.
+
+    Returns:
+        The folders ``data_dir/train`` and ``data_dir/test`` (cases numbered from 1 and from 901).
+    """
+    train_dir, test_dir = data_dir / "train", data_dir / "test"
+    make_brats_phantom(train_dir, config.train_cases, seed=config.seed, spacing_mm=2.0, progress=progress)
+    make_brats_phantom(
+        test_dir, config.test_cases, seed=config.seed + 1, spacing_mm=2.0, first_index=901, progress=progress
+    )
+    return train_dir, test_dir
+
+
+def check_phantoms(folders: Iterable[Path], spec: TaskSpec, log: Callable[[str], None] = print) -> None:
+    """Run the integrity check on each folder, logging its summary.
+
+    Raises:
+        CimlError: a folder failed the check (names its first error).
+    """
+    for folder in folders:
+        report = check_folder(folder, spec, progress=False)
+        log(f"  {folder.name}: {report.summary()}")
+        if not report.ok:
+            raise CimlError(f"{folder}: the phantom failed its integrity check: {report.errors[0]}")
+
+
+def train_settings(
+    config: BrainDemoConfig, train_dir: Path, run_dir: Path, progress: bool = True, validation_cases: int = 2
+) -> TrainSettings:
+    """The demo's training settings for ``config.model``: one validation at the end on a few cases.
+
+    Args:
+        config: sizes, model, seed and device.
+        train_dir: the training phantoms.
+        run_dir: the run folder to write.
+        progress: show the training progress bar.
+        validation_cases: validation cases of the fold scored at the end (0: no validation).
+    """
+    return TrainSettings(
+        task=TASK,
+        data=train_dir,
+        out=run_dir,
+        model=config.model,
+        iterations=config.iterations,
+        patch_size=config.patch_size,
+        validation_patch=config.inference_patch,
+        widths=config.widths,
+        batch_size=config.batch_size,
+        validate_every=config.iterations,
+        max_validation_cases=validation_cases,
+        seed=config.seed,
+        device=config.device,
+        progress=progress,
+    )
+
+
+def inference_settings(config: BrainDemoConfig) -> InferenceSettings:
+    """How the demo predicts: the run's last checkpoint with ``config.inference_patch`` tiles."""
+    return InferenceSettings(device=config.device, patch_size=config.inference_patch)
+
+
 def run_brain_demo(
     out: Path, config: BrainDemoConfig, progress: bool = True, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
@@ -56,47 +118,21 @@ def run_brain_demo(
         log(f"[{name}] done in {timings[name]:.1f} s")
         started = time.perf_counter()
 
-    train_dir, test_dir = out / "data" / "train", out / "data" / "test"
     log(f"1/6 writing {config.train_cases}+{config.test_cases} brain phantom cases (2 mm, MNI152 anatomy)")
-    make_brats_phantom(train_dir, config.train_cases, seed=config.seed, spacing_mm=2.0, progress=progress)
-    make_brats_phantom(
-        test_dir, config.test_cases, seed=config.seed + 1, spacing_mm=2.0, first_index=901, progress=progress
-    )
+    train_dir, test_dir = write_phantoms(out / "data", config, progress=progress)
     step("phantom")
 
     log("2/6 checking the data")
-    for folder in (train_dir, test_dir):
-        report = check_folder(folder, spec, progress=False)
-        log(f"  {folder.name}: {report.summary()}")
-        if not report.ok:
-            raise CimlError(f"{folder}: the phantom failed its integrity check: {report.errors[0]}")
+    check_phantoms((train_dir, test_dir), spec, log=log)
     step("check")
 
     log(f"3/6 training {config.model} for {config.iterations} iterations")
-    run = train(
-        TrainSettings(
-            task=TASK,
-            data=train_dir,
-            out=out / "run",
-            model=config.model,
-            iterations=config.iterations,
-            patch_size=config.patch_size,
-            validation_patch=config.inference_patch,
-            widths=config.widths,
-            batch_size=config.batch_size,
-            validate_every=config.iterations,
-            max_validation_cases=2,
-            seed=config.seed,
-            device=config.device,
-            progress=progress,
-        )
-    )
+    run = train(train_settings(config, train_dir, out / "run", progress=progress))
     step("train")
 
     log("4/6 predicting the held-out test cases")
     predictions = out / "predictions"
-    settings = InferenceSettings(device=config.device, patch_size=config.inference_patch)
-    predict_folder(run, test_dir, predictions, settings=settings, progress=progress)
+    predict_folder(run, test_dir, predictions, settings=inference_settings(config), progress=progress)
     step("predict")
 
     log("5/6 evaluating with the BraTS conventions")

@@ -258,7 +258,8 @@ def gradcam_contributions(
     names = [m for m in model.modalities if present is None or m in set(present)]
     stages = {m: model.encoders[m].stages[level] for m in names}
     contributions = []
-    with torch.enable_grad(), _captured_outputs(stages) as features:
+    # hooks on the per-modality encoder stages fire only in the per-segmentor form
+    with torch.enable_grad(), model.per_segmentor(), _captured_outputs(stages) as features:
         output = model(x, present=present, return_maps=return_maps)
         activations = [features[m] for m in names]
         for segmentor, region, logits, mask in _targets(model, output):

@@ -15,14 +15,16 @@ then has extra output channels for them, after the owned ones, used only when ev
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ciml.errors import CimlError
 from ciml.models.backbone import UNetDecoder, UNetEncoder
-from ciml.models.gate import InformationGate
+from ciml.models.gate import InformationGate, grouped_gates
+from ciml.models.grouped import grouped_decoder, grouped_encoder
 from ciml.models.output import SegmentationOutput
 
 
@@ -42,6 +44,10 @@ class CIMLNet(nn.Module):
         message_levels: levels that receive messages (default: all; empty: no messages).
         fallback: modality -> regions its segmentor stands in for when all their owners are missing
             (regions it owns itself are ignored). Default: none, which gives the plain architecture.
+        grouped: run the segmentors and gates as grouped convolutions (one kernel per layer for all
+            segmentors, :mod:`ciml.models.grouped`) instead of one after another. Same parameters, same
+            outputs up to float rounding; ``False`` is the reference form (and what hooks on the
+            per-segmentor modules, e.g. Grad-CAM's, need: see :meth:`per_segmentor`).
 
     Example:
         >>> net = CIMLNet(["flair", "t1"], {"flair": ["WT"], "t1": ["TC"]}, widths=(4, 8), spatial_dims=2)
@@ -58,8 +64,10 @@ class CIMLNet(nn.Module):
         spatial_dims: int = 3,
         message_levels: Iterable[int] | None = None,
         fallback: Mapping[str, Sequence[str]] | None = None,
+        grouped: bool = True,
     ) -> None:
         super().__init__()
+        self.grouped = grouped
         self.modalities = tuple(modalities)
         self.owned = {m: tuple(decomposition.get(m, ())) for m in self.modalities}
         fallback = fallback or {}
@@ -109,11 +117,35 @@ class CIMLNet(nn.Module):
             close_gates: force lambda = 0 on every gate (no information flows between segmentors).
         """
         available = self._available(present, x.shape[1])
+        output = SegmentationOutput(logits={}, owned={}, kl=x.new_zeros((), dtype=torch.float32))
+        if self.grouped:
+            self._forward_grouped(x, available, close_gates, return_maps, output)
+        else:
+            self._forward_per_segmentor(x, available, close_gates, return_maps, output)
+        output.kl = sum(output.kl_terms.values(), output.kl)
+        return output
+
+    @contextlib.contextmanager
+    def per_segmentor(self) -> Iterator[CIMLNet]:
+        """Run segmentor by segmentor inside the block, so forward hooks on their modules fire."""
+        grouped, self.grouped = self.grouped, False
+        try:
+            yield self
+        finally:
+            self.grouped = grouped
+
+    def _forward_per_segmentor(
+        self,
+        x: torch.Tensor,
+        available: set[str],
+        close_gates: bool,
+        return_maps: bool,
+        output: SegmentationOutput,
+    ) -> None:
+        """The reference form: each segmentor and each gate as its own module call."""
         features = {
             m: self.encoders[m](x[:, i : i + 1]) for i, m in enumerate(self.modalities) if m in available
         }
-        kl = x.new_zeros((), dtype=torch.float32)
-        output = SegmentationOutput(logits={}, owned={}, kl=kl)
         for receiver in self.decoders:
             if receiver not in available:
                 continue
@@ -123,8 +155,73 @@ class CIMLNet(nn.Module):
                     level, receiver, features, close_gates, return_maps, output
                 )
             self._record(receiver, self.decoders[receiver](skips), output)
-        output.kl = sum(output.kl_terms.values(), kl)
-        return output
+
+    def _forward_grouped(
+        self,
+        x: torch.Tensor,
+        available: set[str],
+        close_gates: bool,
+        return_maps: bool,
+        output: SegmentationOutput,
+    ) -> None:
+        """All present segmentors as one grouped network; the gates of a level as one grouped bank."""
+        present = [m for m in self.modalities if m in available]
+        if len(present) < len(self.modalities):
+            x = x[:, [self.modalities.index(m) for m in present]]
+        features = grouped_encoder(x, [self.encoders[m] for m in present])
+        receivers = [m for m in self.decoders if m in available]
+        if not receivers:
+            return
+        slots = [present.index(m) for m in receivers]
+        skips = [_channel_groups(f, slots, len(present)) for f in features]
+        for level in self.message_levels:
+            skips[level] = skips[level] + self._grouped_messages(
+                level, present, receivers, skips[level], features[level], close_gates, return_maps, output
+            )
+        logits = grouped_decoder(skips, [self.decoders[m] for m in receivers])
+        for receiver, receiver_logits in zip(receivers, logits, strict=True):
+            self._record(receiver, receiver_logits, output)
+
+    def _grouped_messages(
+        self,
+        level: int,
+        present: list[str],
+        receivers: list[str],
+        own: torch.Tensor,
+        senders: torch.Tensor,
+        close_gates: bool,
+        return_maps: bool,
+        output: SegmentationOutput,
+    ) -> torch.Tensor | float:
+        """Every receiver's summed messages at ``level`` [B, R * C, ...]; records KL terms (and maps)."""
+        total: torch.Tensor | float = self._silent_messages(level, present, receivers, own)
+        pairs = [(r, s) for r in receivers for s in present if s != r]
+        if not pairs:
+            return total
+        keys = [gate_key(level, r, s) for r, s in pairs]
+        result = grouped_gates(
+            [self.gates[k] for k in keys], own, senders, [present.index(s) for _, s in pairs], close_gates
+        )
+        kl_means = result.kl_maps.mean(dim=[0, *range(2, result.kl_maps.dim())])
+        for p, key in enumerate(keys):
+            output.kl_terms[key] = kl_means[p]
+            if return_maps:
+                output.kl_maps[key] = result.kl_maps[:, p : p + 1]
+                output.attention_maps[key] = result.attention[:, p : p + 1]
+        return total + result.messages
+
+    def _silent_messages(
+        self, level: int, present: list[str], receivers: list[str], own: torch.Tensor
+    ) -> torch.Tensor | float:
+        """The constant messages from absent senders, per receiver [1, R * C, 1, ...] (0 when none)."""
+        absent = [m for m in self.modalities if m not in present]
+        if not absent:
+            return 0.0
+        like = own[:1, : self.widths[level]][(...,) + (slice(0, 1),) * (own.dim() - 2)]
+        return torch.cat(
+            [sum(self.gates[gate_key(level, r, s)].silent_message(like) for s in absent) for r in receivers],
+            dim=1,
+        )
 
     def _record(self, segmentor: str, logits: torch.Tensor, output: SegmentationOutput) -> None:
         """Split a decoder's channels into owned logits and fallback logits (kept apart, never mixed)."""
@@ -181,3 +278,10 @@ class CIMLNet(nn.Module):
         if not available:
             raise CimlError("at least one modality must be present")
         return available
+
+
+def _channel_groups(features: torch.Tensor, slots: Sequence[int], groups: int) -> torch.Tensor:
+    """The channel groups ``slots`` of grouped ``features`` (the tensor itself when that is all of them)."""
+    if list(slots) == list(range(groups)):
+        return features
+    return features.unflatten(1, (groups, -1))[:, list(slots)].flatten(1, 2)

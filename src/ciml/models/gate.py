@@ -15,12 +15,15 @@ nothing and training adds only what pays. The per-voxel bottleneck follows Schul
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ciml.models.backbone import conv
+from ciml.models.grouped import grouped_pointwise, stacked
 
 LAMBDA_MAX = 1.0 - 1e-4  # keeps log(1 - lambda) finite; a gate this open costs ~9.2 nats per channel
 
@@ -49,6 +52,59 @@ def gaussian_bottleneck_kl(attention: torch.Tensor, standardized_value: torch.Te
     """
     lam = attention.clamp(0.0, LAMBDA_MAX)
     return 0.5 * ((1.0 - lam) ** 2 + (lam * standardized_value) ** 2 - 1.0) - torch.log1p(-lam)
+
+
+def bottleneck(
+    value: torch.Tensor,
+    attention: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_std: torch.Tensor,
+    training: bool,
+    channel_dim: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """z and its KL map (summed over channels, kept as a size-1 dim) for one lambda per voxel.
+
+    The prior is per channel (every dim from 1 to ``channel_dim``): the batch statistics of ``value``
+    while training (detached; returned so the caller can update its running averages), else the running
+    ones. Because lambda has one channel, the channel sum of :func:`gaussian_bottleneck_kl` is
+    ``C * (0.5 * ((1 - lambda)^2 - 1) - log(1 - lambda)) + 0.5 * lambda^2 * |u|^2``, so only |u|^2 is
+    computed per channel, from the same centred values as the variance: at full resolution the gates'
+    cost is memory traffic, and this keeps it to a few passes.
+
+    Args:
+        value: v, channels along ``channel_dim``.
+        attention: lambda, size 1 along ``channel_dim``.
+        running_mean, running_std: the evaluation prior, shaped ``value.shape[1 : channel_dim + 1]``.
+        training: use batch statistics and sample eps ~ N(mu, sd^2); else use the running mu.
+
+    Returns:
+        (z, KL map, (batch mean, batch sd) while training else None).
+    """
+    prior_shape = value.shape[1 : channel_dim + 1]
+    broadcast = (1, *prior_shape) + (1,) * (value.dim() - channel_dim - 1)
+    if training:
+        dims = [0, *range(channel_dim + 1, value.dim())]
+        with torch.no_grad():
+            mean = value.mean(dim=dims, keepdim=True, dtype=torch.float32)
+        centered = value - mean
+        squared = centered.square()
+        with torch.no_grad():
+            count = value.numel() // mean.numel()
+            variance = squared.mean(dim=dims, keepdim=True) * (count / max(count - 1, 1))
+            std = variance.sqrt().clamp_min(1e-5)
+        noise = torch.randn_like(value).mul_(std.to(value.dtype)).add_(mean.to(value.dtype))
+        batch_stats = (mean.reshape(prior_shape), std.reshape(prior_shape))
+    else:
+        mean, std = running_mean.view(broadcast), running_std.view(broadcast)
+        squared = (value - mean).square()
+        noise = mean.to(value.dtype).expand_as(value)
+        batch_stats = None
+    z = torch.lerp(noise, value, attention.to(value.dtype))
+    squared_norm = (squared / std.square()).sum(dim=channel_dim, keepdim=True)
+    lam = attention.float().clamp(0.0, LAMBDA_MAX)
+    channels = value.shape[channel_dim]
+    kl = channels * (0.5 * ((1.0 - lam) ** 2 - 1.0) - torch.log1p(-lam)) + 0.5 * lam**2 * squared_norm
+    return z, kl, batch_stats
 
 
 class InformationGate(nn.Module):
@@ -84,17 +140,14 @@ class InformationGate(nn.Module):
 
     def forward(self, receiver: torch.Tensor, sender: torch.Tensor, closed: bool = False) -> GateOutput:
         value = self.value(sender)
-        mean, std = self._prior(value)
         if closed:
             attention = torch.zeros_like(value[:, :1])
         else:
             attention = torch.sigmoid(self.attention(torch.cat([receiver, sender], dim=1)))
-        shape = (1, -1) + (1,) * (value.dim() - 2)
-        mean, std = mean.view(shape), std.view(shape)
-        noise = mean + std * torch.randn_like(value) if self.training else mean.expand_as(value)
-        z = attention * value + (1.0 - attention) * noise
-        kl = gaussian_bottleneck_kl(attention.float(), ((value - mean) / std).float())
-        return GateOutput(self.project(z), kl.sum(dim=1, keepdim=True), attention)
+        z, kl, batch_stats = bottleneck(value, attention, self.running_mean, self.running_std, self.training)
+        if batch_stats is not None:
+            self.update_prior(*batch_stats)
+        return GateOutput(self.project(z), kl, attention)
 
     def silent_message(self, like: torch.Tensor) -> torch.Tensor:
         """The message of an absent sender: z at the prior mean (lambda = 0), broadcast like ``like``."""
@@ -102,14 +155,102 @@ class InformationGate(nn.Module):
         z = self.running_mean.view(shape).to(like.dtype)
         return self.project(z).expand_as(like)
 
-    def _prior(self, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel prior N(mu, sd^2): batch statistics while training, running ones at evaluation."""
-        if not self.training:
-            return self.running_mean, self.running_std
-        with torch.no_grad():
-            dims = [0, *range(2, value.dim())]
-            mean = value.mean(dim=dims)
-            std = value.std(dim=dims).clamp_min(1e-5)
-            self.running_mean.lerp_(mean.float(), self.momentum)
-            self.running_std.lerp_(std.float(), self.momentum)
-        return mean, std
+    @torch.no_grad()
+    def update_prior(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Move the running prior towards a batch's statistics, as BatchNorm's running averages."""
+        self.running_mean.lerp_(mean.float(), self.momentum)
+        self.running_std.lerp_(std.float(), self.momentum)
+
+
+@dataclass
+class GroupedGateOutput:
+    """What a bank of gates produced (see :func:`grouped_gates`); P gates, R receivers.
+
+    Attributes:
+        messages: per receiver, the sum of its messages [B, R * C, *spatial].
+        kl_maps: per gate, nats per voxel summed over channels [B, P, *spatial].
+        attention: per gate, lambda [B, P, *spatial].
+    """
+
+    messages: torch.Tensor
+    kl_maps: torch.Tensor
+    attention: torch.Tensor
+
+
+def grouped_gates(
+    gates: Sequence[InformationGate],
+    receivers: torch.Tensor,
+    senders: torch.Tensor,
+    sender_slots: Sequence[int],
+    closed: bool = False,
+) -> GroupedGateOutput:
+    """Run P gates at one level as a few grouped convolutions; the same maths as calling each gate.
+
+    The gates are ordered receiver by receiver, every receiver with the same number of senders; gate p
+    reads receiver ``p // (P / R)`` and the sender in channel group ``sender_slots[p]`` of ``senders``.
+    psi's first layer acts on [e_m ; e_n], so it splits into a receiver half (one grouped convolution over
+    the receivers) and a sender half, computed together with the value phi in one convolution per gate.
+    The messages into one receiver are summed by one convolution over its gates' z (their rho weights
+    side by side), so the per-gate messages are never materialised.
+
+    Args:
+        gates: the P gates, receiver-major.
+        receivers: receivers' features [B, R * C, *spatial].
+        senders: candidate senders' features [B, S * C, *spatial].
+        sender_slots: for each gate, the group of its sender in ``senders``.
+        closed: force lambda = 0 (no information flows).
+    """
+    count, channels = len(gates), gates[0].value.in_channels
+    receiver_count = receivers.shape[1] // channels
+    per_receiver = count // receiver_count
+    if per_receiver * receiver_count != count or len(sender_slots) != count:
+        raise ValueError(f"{count} gates do not split evenly over {receiver_count} receivers")
+    sender_features = senders.unflatten(1, (-1, channels))[:, list(sender_slots)].flatten(1, 2)
+    first_psi = [gate.attention[0] for gate in gates]
+    # value phi (and psi's sender half unless closed) from each gate's sender, as one grouped conv
+    weights = [
+        g.value.weight if closed else torch.cat([g.value.weight, a.weight[:, channels:]])
+        for g, a in zip(gates, first_psi, strict=True)
+    ]
+    biases = [
+        g.value.bias if closed else torch.cat([g.value.bias, a.bias])
+        for g, a in zip(gates, first_psi, strict=True)
+    ]
+    sender_side = grouped_pointwise(
+        sender_features, stacked(weights), stacked(biases), groups=count
+    ).unflatten(1, (count, -1))
+    if closed:
+        value = sender_side
+        attention = value.new_zeros(value.shape[:2] + (1,) + value.shape[3:])
+    else:
+        value, sender_half = sender_side.split([channels, sender_side.shape[2] - channels], dim=2)
+        receiver_half = stacked([a.weight[:, :channels] for a in first_psi])
+        hidden = sender_half + grouped_pointwise(receivers, receiver_half, groups=receiver_count).unflatten(
+            1, (count, -1)
+        )
+        hidden = F.leaky_relu(hidden, gates[0].attention[1].negative_slope).flatten(1, 2)
+        second_psi = [gate.attention[2] for gate in gates]
+        logits = grouped_pointwise(
+            hidden,
+            stacked([c.weight for c in second_psi]),
+            stacked([c.bias for c in second_psi]),
+            groups=count,
+        )
+        attention = torch.sigmoid(logits).unsqueeze(2)
+    running_mean = torch.stack([g.running_mean for g in gates])
+    running_std = torch.stack([g.running_std for g in gates])
+    z, kl, batch_stats = bottleneck(value, attention, running_mean, running_std, gates[0].training, 2)
+    if batch_stats is not None:
+        for gate, mean, std in zip(gates, *batch_stats, strict=True):
+            gate.update_prior(mean, std)
+    project_weight = torch.cat(
+        [
+            torch.cat([g.project.weight for g in gates[r * per_receiver : (r + 1) * per_receiver]], dim=1)
+            for r in range(receiver_count)
+        ]
+    )
+    project_bias = (
+        torch.stack([g.project.bias for g in gates]).unflatten(0, (receiver_count, -1)).sum(1).flatten()
+    )
+    messages = grouped_pointwise(z.flatten(1, 2), project_weight, project_bias, groups=receiver_count)
+    return GroupedGateOutput(messages, kl.squeeze(2), attention.squeeze(2))
