@@ -24,8 +24,8 @@ if [ "${QUICK:-0}" = 1 ]; then
     SPEED=(--quick --device "$DEVICE") TRAIN_SIZE=(--patch 32 32 32 --widths 4 8 16 --iterations 4 --validate-every 4)
     LIMITS=(120 120 120 120)
 else
-    SPEED=(--device "$DEVICE" --compile) TRAIN_SIZE=(--patch 64 64 64 --iterations 60 --validate-every 60)
-    LIMITS=(300 70 70 100)
+    SPEED=(--device "$DEVICE" --compile) TRAIN_SIZE=(--patch 64 64 64 --iterations 40 --validate-every 40)
+    LIMITS=(290 60 60 100)
 fi
 TRAIN=(-m ciml.cli train --task brats2020 --data "$DATA" --device "$DEVICE" --batch-size 2
        --max-validation-cases 2 --no-progress "${TRAIN_SIZE[@]}")
