@@ -46,7 +46,12 @@ import torch
 
 from ciml.errors import CimlError
 from ciml.evaluation.evaluate import evaluate_folders
-from ciml.evaluation.robustness import evaluate_robustness, modality_subsets, subset_name
+from ciml.evaluation.robustness import (
+    RobustnessResult,
+    evaluate_robustness,
+    modality_subsets,
+    subset_name,
+)
 from ciml.experiments.brain_demo import (
     TASK,
     BrainDemoConfig,
@@ -129,14 +134,16 @@ class Settings:
 ROBUSTNESS_DEFAULT = ("ciml", "ensemble", "ciml-nomsg", "joint", "segresnet")
 
 PRESETS: dict[str, Settings] = {
-    # ~0.93 s per ciml step (1 thread, 2x4x32^3, widths 8..64) -> ~6.5 min for ciml and ciml-beta0,
-    # ~4 min for ensemble and ciml-nomsg, ~1-1.5 min for joint and segresnet: ~25 min of training.
+    # Measured on the 2-core AMD EPYC box, 1 thread: ciml trains at 0.77 s/iteration (2x4x32^3, widths
+    # 8..64), predicts a test case in 10 s and its 15-subset table in 54 s per case. Per step, relative
+    # to ciml: ciml-beta0 1, ensemble and ciml-nomsg 0.53, segresnet 0.20, joint 0.16. So 500 iterations
+    # take ~6.4 min for ciml, ~22 min for all six; with predictions and robustness ~32 min in all.
     "cpu": Settings(
         setting="cpu",
         device="cpu",
         train_cases=12,
         test_cases=4,
-        iterations=400,
+        iterations=500,
         patch=32,
         batch=2,
         widths=(8, 16, 32, 64),
@@ -144,22 +151,26 @@ PRESETS: dict[str, Settings] = {
         inference_patch=64,
         robustness_models=ROBUSTNESS_DEFAULT,
         threads=1,
-        note="2 CPU cores, 1 torch thread; under one hour for all six models",
+        note="2 CPU cores, 1 torch thread; about 32 minutes for all six models on an idle machine",
     ),
+    # Estimated, not measured (no GPU was lent): eager ciml runs ~12k aten ops per training step, so it
+    # is launch-bound at <= ~100 ms/step (243 GFLOP forward at 2x4x64^3); ensemble/ciml-nomsg ~4.5k ops,
+    # joint/segresnet ~1.5k. 1000 iterations: ~5.5 min of training for all six, plus ~2 min of
+    # phantoms, preprocessing, prediction (one 96^3 tile covers a cropped 2 mm case) and robustness.
     "gpu": Settings(
         setting="gpu",
         device="cuda",
-        train_cases=40,
-        test_cases=10,
+        train_cases=24,
+        test_cases=8,
         iterations=1000,
         patch=64,
         batch=2,
         widths=(16, 32, 64, 128),
         segresnet_widths=(16, 32, 64, 128),  # MONAI's BraTS tutorial SegResNet: init_filters 16
         inference_patch=96,
-        robustness_models=ROBUSTNESS_DEFAULT,
+        robustness_models=("ciml", "joint", "segresnet"),  # --robustness adds ensemble, ciml-nomsg
         threads=None,
-        note="one H100/H200, bf16 autocast; estimated under 8 minutes for all six models",
+        note="one H100/H200, bf16 autocast; estimated at most 8 minutes for all six models",
     ),
     "quick": Settings(
         setting="quick",
@@ -254,7 +265,7 @@ def cost(model: str, widths: Sequence[int], patch: int) -> tuple[int, float]:
     return params, flops / 1e9
 
 
-def robustness_summary(result: Any, seconds: float) -> dict[str, Any]:
+def robustness_summary(result: RobustnessResult, seconds: float) -> dict[str, Any]:
     """A robustness result without its per-case metrics (those stay in the work folder)."""
     data = result.to_dict()
     for subset in data["subsets"].values():
@@ -549,8 +560,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--robustness",
         default=None,
-        help="comma-separated models that get the 15-subset table, or 'none' "
-        f"(default: those of {','.join(ROBUSTNESS_DEFAULT)} that are trained)",
+        help="comma-separated models that get the 15-subset table, or 'none' (default: of the trained "
+        f"models, cpu: {','.join(PRESETS['cpu'].robustness_models)}; "
+        f"gpu: {','.join(PRESETS['gpu'].robustness_models)})",
     )
     parser.add_argument("--shapes", action="store_true", help="rerun ShapeComposition instead of reading it")
     parser.add_argument("--iterations", type=int, default=None, help="override the preset's iterations")

@@ -82,6 +82,8 @@ class Settings:
     case_shape: tuple[int, int, int]
     bf16: bool
     compile: bool
+    compiled_inference: bool = True
+    networks: tuple[str, ...] = ()  # empty: all
     step: float = 0.5
     beta: float = BETA
     case_note: str = ""
@@ -259,6 +261,11 @@ def networks(spec: TaskSpec, settings: Settings, ciml_widths: tuple[int, ...]) -
     ]
     if settings.compile:
         nets += [replace(net, name=net.name + COMPILED, compiled=True) for net in nets[:2]]
+    if settings.networks:
+        unknown = sorted(set(settings.networks) - {net.name for net in nets})
+        if unknown:
+            raise CimlError(f"--networks: unknown {unknown}; choose from {[net.name for net in nets]}")
+        nets = [net for net in nets if net.name == "joint" or net.name in settings.networks]
     return nets
 
 
@@ -454,7 +461,8 @@ def measure(net: Network, spec: TaskSpec, settings: Settings, flops: int) -> Row
         row.ms_per_step *= 1e3
         if net.compiled:
             row.note = "first step includes compilation"
-        row.inference_s = measure_inference(runnable, spec, settings, net.ciml_output)
+        if settings.compiled_inference or not net.compiled:
+            row.inference_s = measure_inference(runnable, spec, settings, net.ciml_output)
     except recoverable as error:
         row.note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
     del model, runnable
@@ -643,6 +651,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--compile", action="store_true", help="also time torch.compile'd joint and ciml (training step)"
     )
+    parser.add_argument(
+        "--compiled-inference",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --compile, also time inference of the compiled networks (a second compilation)",
+    )
+    parser.add_argument(
+        "--networks",
+        default="",
+        help="comma-separated rows to measure, e.g. 'ciml,ciml (compiled)' (joint always; default: all)",
+    )
     parser.add_argument("--patch", type=int, default=None, help="cubic patch edge (default: the preset's)")
     parser.add_argument("--batch", type=int, default=None, help="training batch size (default: the preset's)")
     parser.add_argument("--repeats", type=int, default=None, help="timed training steps (default: preset's)")
@@ -663,6 +682,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(threads)
     settings = settings_for(args.device, args.quick, args.full_case, args.compile)
     overrides = {"patch": args.patch, "batch": args.batch, "repeats": args.repeats}
+    networks = tuple(name.strip() for name in args.networks.split(",") if name.strip())
+    settings = replace(settings, compiled_inference=args.compiled_inference, networks=networks)
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     out = args.out or RESULTS_DIR / f"speed_{settings.device}.json"
     try:

@@ -82,25 +82,26 @@ def bottleneck(
     """
     prior_shape = value.shape[1 : channel_dim + 1]
     broadcast = (1, *prior_shape) + (1,) * (value.dim() - channel_dim - 1)
+    # per-voxel tensors stay in value's dtype (bf16 under autocast); statistics and sums use float32
     if training:
         dims = [0, *range(channel_dim + 1, value.dim())]
         with torch.no_grad():
             mean = value.mean(dim=dims, keepdim=True, dtype=torch.float32)
-        centered = value - mean
-        squared = centered.square()
+        squared = (value - mean.to(value.dtype)).square()
         with torch.no_grad():
             count = value.numel() // mean.numel()
-            variance = squared.mean(dim=dims, keepdim=True) * (count / max(count - 1, 1))
+            variance = squared.mean(dim=dims, keepdim=True, dtype=torch.float32) * (count / max(count - 1, 1))
             std = variance.sqrt().clamp_min(1e-5)
         noise = torch.randn_like(value).mul_(std.to(value.dtype)).add_(mean.to(value.dtype))
         batch_stats = (mean.reshape(prior_shape), std.reshape(prior_shape))
     else:
         mean, std = running_mean.view(broadcast), running_std.view(broadcast)
-        squared = (value - mean).square()
+        squared = (value - mean.to(value.dtype)).square()
         noise = mean.to(value.dtype).expand_as(value)
         batch_stats = None
     z = torch.lerp(noise, value, attention.to(value.dtype))
-    squared_norm = (squared / std.square()).sum(dim=channel_dim, keepdim=True)
+    inverse_variance = std.square().reciprocal().to(value.dtype)
+    squared_norm = (squared * inverse_variance).sum(dim=channel_dim, keepdim=True, dtype=torch.float32)
     lam = attention.float().clamp(0.0, LAMBDA_MAX)
     channels = value.shape[channel_dim]
     kl = channels * (0.5 * ((1.0 - lam) ** 2 - 1.0) - torch.log1p(-lam)) + 0.5 * lam**2 * squared_norm
