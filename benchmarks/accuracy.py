@@ -134,10 +134,10 @@ class Settings:
 ROBUSTNESS_DEFAULT = ("ciml", "ensemble", "ciml-nomsg", "joint", "segresnet")
 
 PRESETS: dict[str, Settings] = {
-    # Measured on the 2-core AMD EPYC box, 1 thread: ciml trains at 0.77 s/iteration (2x4x32^3, widths
-    # 8..64), predicts a test case in 10 s and its 15-subset table in 54 s per case. Per step, relative
-    # to ciml: ciml-beta0 1, ensemble and ciml-nomsg 0.53, segresnet 0.20, joint 0.16. So 500 iterations
-    # take ~6.4 min for ciml, ~22 min for all six; with predictions and robustness ~32 min in all.
+    # Measured on the 2-core AMD EPYC box, 1 thread (--models ciml): ciml trains 500 iterations of
+    # 2x4x32^3 (widths 8..64) in 402 s, predicts a test case in 11.5 s, its 15-subset table takes 244 s
+    # for 4 cases. Per training step, relative to ciml: ciml-beta0 1, ensemble and ciml-nomsg 0.53,
+    # segresnet 0.20, joint 0.16. So all six train in ~23 min; with predictions and robustness ~35 min.
     "cpu": Settings(
         setting="cpu",
         device="cpu",
@@ -151,7 +151,7 @@ PRESETS: dict[str, Settings] = {
         inference_patch=64,
         robustness_models=ROBUSTNESS_DEFAULT,
         threads=1,
-        note="2 CPU cores, 1 torch thread; about 32 minutes for all six models on an idle machine",
+        note="2 CPU cores, 1 torch thread; about 35 minutes for all six models (estimated)",
     ),
     # Estimated, not measured (no GPU was lent): eager ciml runs ~12k aten ops per training step, so it
     # is launch-bound at <= ~100 ms/step (243 GFLOP forward at 2x4x64^3); ensemble/ciml-nomsg ~4.5k ops,

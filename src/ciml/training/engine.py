@@ -342,13 +342,16 @@ def _train_checked(
     callbacks = [logger.on_step, _checkpointer(run, settings.fold, checkpoint_every, rank)]
     if KILL_AFTER_VARIABLE in os.environ:
         callbacks.append(_kill_after(int(os.environ[KILL_AFTER_VARIABLE])))
-    trainer.fit(
-        progress=settings.progress and rank == 0,
-        callbacks=callbacks,
-        desc=f"{settings.model} fold {settings.fold}",
-    )
-    logger.record_rank_checksums(trainer.parameter_checksums())
-    logger.plot()
+    try:
+        trainer.fit(
+            progress=settings.progress and rank == 0,
+            callbacks=callbacks,
+            desc=f"{settings.model} fold {settings.fold}",
+        )
+        logger.record_rank_checksums(trainer.parameter_checksums())
+        logger.plot()
+    finally:
+        logger.close()
     if world > 1:
         dist.barrier()
     return run

@@ -43,6 +43,12 @@ class RunLogger:
                 if isinstance(value, int | float) and key != "iteration":
                     self.writer.add_scalar(key, value, record["iteration"])
 
+    def close(self) -> None:
+        """Flush and close TensorBoard's event file (the JSONL log is flushed line by line anyway)."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
     def truncate_after(self, iteration: int) -> None:
         """After a resume, drop lines of iterations the checkpoint does not contain (they will be redone)."""
         if not self.enabled or not self.path.is_file():
