@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from ciml.errors import CimlError
 from ciml.experiments.shapecomposition import ShapeExperimentConfig, training_stream
 from ciml.models import build_model
 from ciml.tasks import load_task
-from ciml.training import TrainConfig, Trainer, load_checkpoint, poly_lr, save_checkpoint
+from ciml.training import Batch, TrainConfig, Trainer, load_checkpoint, poly_lr, save_checkpoint
 
 SPEC = load_task("shapecomposition")
 DATA = ShapeExperimentConfig(size=(32, 32), batch_size=4)
@@ -92,3 +93,22 @@ def test_save_is_atomic_and_keeps_the_previous_file_on_failure(tmp_path) -> None
         save_checkpoint({"model": {}, "config": {}, "bad": Unsaveable()}, path)
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_training_takes_the_same_steps_as_eager() -> None:
+    """--compile changes how the grouped CIML network runs, not what it computes (about a minute on a CPU)."""
+    spec = load_task("brats2020")
+    batch = Batch(torch.randn(2, 4, 16, 16), (torch.rand(2, 3, 16, 16) > 0.5).float())
+    losses = []
+    for compile_network in (False, True):
+        torch.manual_seed(0)
+        model = build_model("ciml", spec, widths=(4, 8), spatial_dims=2)
+        config = TrainConfig(
+            iterations=3, region_names=list(spec.region_names), device="cpu", compile=compile_network
+        )
+        trainer = Trainer(model, config, lambda _: batch)
+        losses.append([trainer.step(batch)["loss"] for _ in range(3)])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+    assert losses[0][2] < losses[0][0]  # it trains
