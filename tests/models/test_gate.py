@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ciml.models import CIMLNet, InformationGate, build_model, gaussian_bottleneck_kl
+from ciml.models.gate import bottleneck
 from ciml.tasks import load_task
 
 
@@ -22,6 +23,48 @@ def test_closed_form_kl_matches_monte_carlo() -> None:
         monte_carlo = (log_q - log_p).mean().item()
         closed = gaussian_bottleneck_kl(torch.tensor(lam), torch.tensor((v - mu) / sd)).item()
         assert closed == pytest.approx(monte_carlo, abs=0.01), (lam, v)
+
+
+def _reference_bottleneck(value, attention, mean, std, eps):
+    """DESIGN section 4 written plainly; autograd differentiates it (the prior is a constant)."""
+    z = attention * value + (1 - attention) * (mean + std * eps)
+    kl = gaussian_bottleneck_kl(attention, (value - mean) / std).sum(dim=1, keepdim=True)
+    return z, kl
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_fused_bottleneck_matches_the_formulas_and_their_gradients(training, monkeypatch) -> None:
+    torch.manual_seed(0)
+    value = torch.randn(2, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    attention = torch.rand(2, 1, 6, 7, dtype=torch.float64).mul(0.98).requires_grad_()
+    running_mean, running_std = torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5
+    eps = torch.randn_like(value)
+    monkeypatch.setattr(torch, "randn_like", lambda _: eps)
+    z, kl, stats = bottleneck(value, attention, running_mean, running_std, training)
+    if training:  # batch statistics, treated as constants
+        mean, std = stats
+        assert torch.allclose(mean, value.detach().mean(dim=(0, 2, 3)))
+        assert torch.allclose(std, value.detach().std(dim=(0, 2, 3)))
+    else:
+        assert stats is None
+        mean, std = running_mean, running_std
+    shape = (1, -1, 1, 1)
+    z_ref, kl_ref = _reference_bottleneck(
+        value, attention, mean.view(shape), std.view(shape), eps if training else 0
+    )
+    torch.testing.assert_close(z, z_ref)
+    torch.testing.assert_close(kl, kl_ref)
+    weights_z, weights_kl = torch.randn_like(z), torch.randn_like(kl)
+    grads = torch.autograd.grad((z * weights_z).sum() + (kl * weights_kl).sum(), (value, attention))
+    grads_ref = torch.autograd.grad(
+        (z_ref * weights_z).sum() + (kl_ref * weights_kl).sum(), (value, attention)
+    )
+    for ours, theirs in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(ours, theirs)
+    if not training:
+        assert torch.autograd.gradcheck(
+            lambda v, a: bottleneck(v, a, running_mean, running_std, False)[:2], (value, attention)
+        )
 
 
 def test_zero_attention_costs_nothing_and_sends_the_prior_mean() -> None:

@@ -38,7 +38,7 @@ class ConvNormAct(nn.Sequential):
         super().__init__(
             conv(spatial_dims, in_channels, out_channels, kernel_size=3, stride=stride),
             _INSTANCE_NORM[spatial_dims](out_channels, affine=True, eps=1e-5),
-            nn.LeakyReLU(0.01, inplace=True),
+            nn.LeakyReLU(0.01),  # in place on InstanceNorm's output (a view) costs a copy in backward
         )
 
 

@@ -97,7 +97,7 @@ def grouped_conv_norm_act(x: torch.Tensor, blocks: Sequence[nn.Sequential]) -> t
     x = F.instance_norm(
         x, weight=stacked([n.weight for n in norms]), bias=stacked([n.bias for n in norms]), eps=norms[0].eps
     )
-    return F.leaky_relu(x, blocks[0][2].negative_slope, inplace=True)
+    return F.leaky_relu(x, blocks[0][2].negative_slope)
 
 
 def grouped_stage(x: torch.Tensor, stages: Sequence[nn.Sequential]) -> torch.Tensor:
