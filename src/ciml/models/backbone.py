@@ -19,7 +19,6 @@ from torch import nn
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _TRANSPOSED_CONV = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-_INSTANCE_NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 
 
 def conv(
@@ -32,13 +31,18 @@ def conv(
 
 
 class ConvNormAct(nn.Sequential):
-    """Conv (3x3[x3]) -> InstanceNorm (affine) -> LeakyReLU(0.01), nnU-Net's basic block."""
+    """Conv (3x3[x3]) -> InstanceNorm (affine) -> LeakyReLU(0.01), nnU-Net's basic block.
+
+    The InstanceNorm is computed as a GroupNorm with one channel per group, the same normalisation
+    (and the same ``weight``/``bias`` parameters): its kernel is about twice as fast on the CPU and its
+    output is not a view, so the activation can work in place without a copy in the backward pass.
+    """
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__(
             conv(spatial_dims, in_channels, out_channels, kernel_size=3, stride=stride),
-            _INSTANCE_NORM[spatial_dims](out_channels, affine=True, eps=1e-5),
-            nn.LeakyReLU(0.01),  # in place on InstanceNorm's output (a view) costs a copy in backward
+            nn.GroupNorm(out_channels, out_channels, eps=1e-5, affine=True),
+            nn.LeakyReLU(0.01, inplace=True),
         )
 
 

@@ -94,10 +94,9 @@ def grouped_conv_norm_act(x: torch.Tensor, blocks: Sequence[nn.Sequential]) -> t
     """:class:`~ciml.models.backbone.ConvNormAct` (conv, InstanceNorm, LeakyReLU) for every copy."""
     norms = [block[1] for block in blocks]
     x = grouped_conv(x, [block[0] for block in blocks])
-    x = F.instance_norm(
-        x, weight=stacked([n.weight for n in norms]), bias=stacked([n.bias for n in norms]), eps=norms[0].eps
-    )
-    return F.leaky_relu(x, blocks[0][2].negative_slope)
+    weight, bias = stacked([n.weight for n in norms]), stacked([n.bias for n in norms])
+    x = F.group_norm(x, x.shape[1], weight=weight, bias=bias, eps=norms[0].eps)  # one channel per group
+    return F.leaky_relu(x, blocks[0][2].negative_slope, inplace=True)
 
 
 def grouped_stage(x: torch.Tensor, stages: Sequence[nn.Sequential]) -> torch.Tensor:
