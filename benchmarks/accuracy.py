@@ -27,7 +27,6 @@ Phantoms, runs and predictions go to ``--work`` (default: a temporary folder, de
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -39,11 +38,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 
+import speed  # benchmarks/speed.py, beside this script: its FLOP counter and environment record
 from ciml.errors import CimlError
 from ciml.evaluation.evaluate import evaluate_folders
 from ciml.evaluation.robustness import (
@@ -74,17 +73,6 @@ SHAPES_RESULTS = RESULTS_DIR / "shapecomposition" / "results.json"
 ALL_MODELS = ("ciml", "joint", "ensemble", "ciml-nomsg", "ciml-beta0", "segresnet")
 OUTPUT_NAMES = ("results.json", "results.md")
 METRICS = ("dice", "hd95")
-
-
-def _speed_module() -> ModuleType:
-    """benchmarks/speed.py (not a package), for its FLOP counter and environment record."""
-    name = "speed_benchmark"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / "speed.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -261,7 +249,7 @@ def cost(model: str, widths: Sequence[int], patch: int) -> tuple[int, float]:
 
     with torch.device("meta"):
         params = sum(p.numel() for p in build().parameters())
-    flops = _speed_module().forward_flops(build, (1, len(spec.modality_names), patch, patch, patch))
+    flops = speed.forward_flops(build, (1, len(spec.modality_names), patch, patch, patch))
     return params, flops / 1e9
 
 
@@ -467,7 +455,7 @@ def hardware(env: dict[str, Any], device: str) -> str:
 
 def environment(device: str) -> dict[str, Any]:
     """speed.py's record (hardware, torch, date, commit) plus the CPU model and the OS."""
-    env = _speed_module().environment(device)
+    env = speed.environment(device)
     env.update(cpu_model=cpu_model(), cpu_count=os.cpu_count(), os=platform.platform())
     return env
 

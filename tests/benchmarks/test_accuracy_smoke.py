@@ -2,36 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "accuracy.py"
+import accuracy
+
 MODELS = ("ciml", "joint")
 REGIONS = ("WT", "TC", "ET")
-
-
-def load_accuracy() -> ModuleType:
-    """The script as a module (benchmarks/ is not a package); registered so its dataclasses resolve."""
-    if "accuracy_benchmark" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("accuracy_benchmark", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["accuracy_benchmark"]
 
 
 @pytest.mark.slow
 def test_quick_run_scores_every_model_and_refuses_to_overwrite(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    accuracy = load_accuracy()
     out, work = tmp_path / "results", tmp_path / "work"
     threads = torch.get_num_threads()
     args = ["--quick", "--models", ",".join(MODELS), "--out", str(out), "--work", str(work)]
@@ -78,6 +65,6 @@ def test_quick_run_scores_every_model_and_refuses_to_overwrite(
 
 
 def test_unknown_model_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code = load_accuracy().main(["--quick", "--models", "ciml,unet9", "--out", str(tmp_path / "r")])
+    code = accuracy.main(["--quick", "--models", "ciml,unet9", "--out", str(tmp_path / "r")])
     assert code == 1
     assert "unet9" in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
+import speed
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "speed.py"
 NETWORKS = ("joint", "ciml", "ciml (per-segmentor)", "dynunet", "segresnet")
 MEASURED = ("params", "fwd_gflops", "ms_per_step", "peak_mem_mb", "inference_s")
-
-
-def load_speed() -> ModuleType:
-    """The script as a module (benchmarks/ is not a package); registered so its dataclasses resolve."""
-    if "speed_benchmark" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("speed_benchmark", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["speed_benchmark"]
 
 
 @pytest.mark.slow
@@ -59,14 +49,13 @@ def test_quick_run_writes_every_row_with_ratios_to_joint(tmp_path: Path) -> None
 def test_existing_output_is_refused_before_measuring(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "x.json"
     out.write_text("keep me", encoding="utf-8")
-    assert load_speed().main(["--quick", "--device", "cpu", "--out", str(out)]) == 1
+    assert speed.main(["--quick", "--device", "cpu", "--out", str(out)]) == 1
     error = capsys.readouterr().err
     assert "--overwrite" in error and str(out) in error
     assert out.read_text(encoding="utf-8") == "keep me"
 
 
 def test_live_tensor_bytes_counts_the_peak_of_tensors_alive_together() -> None:
-    speed = load_speed()
     with speed.LiveTensorBytes([]) as counter:
         a = torch.ones(1024)  # 4 KiB
         b = a + 1  # 8 KiB alive together
