@@ -41,14 +41,6 @@ PATCH = (16, 16, 16)
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine two spinning threads ran these tests ~30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture
 def spec() -> TaskSpec:

@@ -18,7 +18,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from ciml.cli import main
@@ -37,13 +36,6 @@ CPU = InferenceSettings(device="cpu")
 CHROMIUM = Path("/usr/bin/chromium")
 HEADER_RGB = (0x1F, 0x3B, 0x57)  # table header background in the report's CSS
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def write_cases(root: Path, n_cases: int = 3) -> Path:
@@ -69,7 +61,6 @@ def project(tmp_path_factory) -> dict[str, Path]:
     """Data, a trained run (3 iterations), predictions of the data and a two-subset robustness table."""
     root = tmp_path_factory.mktemp("project")
     data = write_cases(root / "data")
-    torch.set_num_threads(1)
     run = train(
         TrainSettings(
             task="brats2020", data=data, out=root / "run", iterations=3, patch_size=(16, 16, 16),

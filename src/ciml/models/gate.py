@@ -112,18 +112,24 @@ class _Bottleneck(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, value, attention, running_mean, running_std, eps, channel_dim):  # noqa: ANN001
+    def forward(
+        ctx,
+        value: torch.Tensor,
+        attention: torch.Tensor,
+        running_mean: torch.Tensor,
+        running_std: torch.Tensor,
+        eps: torch.Tensor | None,
+        channel_dim: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         dtype = value.dtype
         accumulate = torch.promote_types(dtype, torch.float32)  # statistics: float32 at least
+        dims = [0, *range(channel_dim + 1, value.dim())]
+        mean = running_mean if eps is None else value.mean(dim=dims, keepdim=True, dtype=accumulate)
+        centered = value - mean.to(dtype)
+        squared = centered * centered
         if eps is None:
-            mean, std = running_mean, running_std
-            centered = value - mean.to(dtype)
-            squared = centered * centered
+            std = running_std
         else:
-            dims = [0, *range(channel_dim + 1, value.dim())]
-            mean = value.mean(dim=dims, keepdim=True, dtype=accumulate)
-            centered = value - mean.to(dtype)
-            squared = centered * centered
             count = value.numel() // mean.numel()
             variance = squared.mean(dim=dims, keepdim=True, dtype=accumulate) * (count / max(count - 1, 1))
             std = variance.sqrt().clamp_min(1e-5)
@@ -138,7 +144,9 @@ class _Bottleneck(torch.autograd.Function):
         return z, squared_norm, mean, std
 
     @staticmethod
-    def backward(ctx, grad_z, grad_squared_norm, _grad_mean, _grad_std):  # noqa: ANN001
+    def backward(
+        ctx, grad_z: torch.Tensor | None, grad_squared_norm: torch.Tensor | None, *_stats_grads: None
+    ) -> tuple[torch.Tensor | None, ...]:
         attention, centered, difference, inverse_variance = ctx.saved_tensors
         dtype = centered.dtype
         grad_value = grad_attention = None
