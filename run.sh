@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine with only Python >= 3.11:
 #   ./run.sh demo [ciml demo options]   set up .venv, then run the ShapeComposition demo into demo_out/
-#   ./run.sh test [pytest options]      set up .venv, then run ruff and the test suite
+#   ./run.sh test [pytest options]      set up .venv, then run ruff, the layer contracts and the test suite
 #   ./run.sh setup                      only set up .venv
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -34,6 +34,7 @@ case "$command" in
   test)
     setup
     "$VENV/bin/ruff" check src tests benchmarks
+    "$VENV/bin/lint-imports"
     exec "$VENV/bin/python" -m pytest -q "$@"
     ;;
   *)

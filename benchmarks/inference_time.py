@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ciml.data.preprocessing import ModalityNormalization, PreprocessingPlan
 from ciml.inference import InferenceSettings, Predictor
-from ciml.inference.sliding import mirror_axes_combinations
+from ciml.inferers import mirror_axes_combinations
 from ciml.models import build_model
 from ciml.models.registry import DEFAULT_WIDTHS
 from ciml.tasks import load_task

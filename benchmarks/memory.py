@@ -22,9 +22,8 @@ import torch
 from ciml.data.cases import Case
 from ciml.data.preprocessing import plan_preprocessing
 from ciml.models import build_model
+from ciml.runs import RunFolder, save_checkpoint
 from ciml.tasks import load_task
-from ciml.training import save_checkpoint
-from ciml.training.run import RunFolder
 
 CHILD = r"""
 import json, resource, sys

@@ -50,7 +50,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ciml import files
 from ciml.errors import CimlError
-from ciml.inference.sliding import SIGMA_SCALE, sliding_window_probabilities
+from ciml.inferers import SIGMA_SCALE, sliding_window_probabilities
 from ciml.losses import CIMLLoss
 from ciml.models import SegmentationOutput, build_model
 from ciml.tasks import TaskSpec, load_task

@@ -18,7 +18,7 @@ from ciml.evaluation.evaluate import (
     reference_files,
     resolve_convention,
 )
-from ciml.evaluation.metrics import HD95_EMPTY_PENALTY, brats_case_metrics
+from ciml.metrics import HD95_EMPTY_PENALTY, brats_case_metrics
 from ciml.tasks import load_task
 
 SPACING = (1.0, 1.2, 2.5)

@@ -11,7 +11,7 @@ from monai.metrics import compute_dice, compute_hausdorff_distance
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
-from ciml.evaluation.metrics import (
+from ciml.metrics import (
     HD95_EMPTY_PENALTY,
     AggregatedDice,
     autopet_case_metrics,

@@ -19,9 +19,8 @@ from ciml.evaluation import evaluate_folders, robustness
 from ciml.evaluation.robustness import evaluate_robustness, modality_subsets
 from ciml.inference import InferenceSettings, predict_folder
 from ciml.models import build_model
+from ciml.runs import RunFolder, save_checkpoint
 from ciml.tasks import load_task
-from ciml.training.checkpoint import save_checkpoint
-from ciml.training.run import RunFolder
 
 SHAPE = (16, 20, 12)
 AFFINE = np.array([[-1.0, 0, 0, 10.0], [0, 1.5, 0, -5.0], [0, 0, 3.0, 2.0], [0, 0, 0, 1]])

@@ -28,9 +28,8 @@ from ciml.explain import (
 from ciml.explain.information import parse_gate_key
 from ciml.losses import CIMLLoss
 from ciml.models import build_model
+from ciml.runs import RunFolder, save_checkpoint
 from ciml.tasks import load_task
-from ciml.training.checkpoint import save_checkpoint
-from ciml.training.run import RunFolder
 
 SHAPE = (20, 24, 16)
 # Voxel axes run along -A (1 mm), +S (1.5 mm) and -R (2 mm): the maps must come back on this grid.

@@ -28,9 +28,8 @@ from ciml.inference import (
     writing,
 )
 from ciml.models import SegmentationOutput, build_model
+from ciml.runs import RunFolder, save_checkpoint
 from ciml.tasks import TaskSpec, load_task
-from ciml.training.checkpoint import save_checkpoint
-from ciml.training.run import RunFolder
 
 SHAPE = (20, 24, 16)
 # Voxel axes i, j, k run along -A (1 mm), +S (1.5 mm) and -R (3 mm): flipped, permuted, anisotropic.

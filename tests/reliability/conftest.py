@@ -15,9 +15,8 @@ from ciml.data.cases import Case
 from ciml.data.layouts import read_csv_list
 from ciml.data.preprocessing import plan_preprocessing
 from ciml.models import build_model
+from ciml.runs import RunFolder, save_checkpoint
 from ciml.tasks import load_task
-from ciml.training import save_checkpoint
-from ciml.training.run import RunFolder
 
 TASK = "brats2020"
 SHAPE = (16, 16, 12)

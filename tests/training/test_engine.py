@@ -16,9 +16,9 @@ import torch
 from ciml.cli import main
 from ciml.errors import CimlError
 from ciml.locks import folder_lock
-from ciml.training import load_checkpoint, save_checkpoint
+from ciml.runs import load_checkpoint, save_checkpoint
 from ciml.training.engine import KILL_AFTER_VARIABLE, make_splits
-from ciml.training.logging import read_log
+from ciml.runs.log import read_log
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 TINY = ["--patch", "16", "16", "16", "--widths", "4", "8", "--batch-size", "2", "--no-progress"]
@@ -141,7 +141,7 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path) -
     save_checkpoint({"model": {"w": torch.arange(3.0)}, "config": {"name": "x"}}, path)
     script = (
         "import os, signal, torch\n"
-        "from ciml.training import save_checkpoint\n"
+        "from ciml.runs import save_checkpoint\n"
         "class Kill:\n"
         "    def __reduce__(self):\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"

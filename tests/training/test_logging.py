@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from ciml.training.logging import RunLogger, read_log
+from ciml.runs.log import RunLogger, read_log
 
 RECORDS = [
     {"iteration": 1, "loss": 0.9, "seg/flair": 0.5, "kl/0/flair<-t1": 0.01, "lr": 1e-3},

@@ -14,8 +14,9 @@ import torch
 from ciml.errors import CimlError
 from ciml.experiments.shapecomposition import ShapeExperimentConfig, training_stream
 from ciml.models import build_model
+from ciml.runs import load_checkpoint, save_checkpoint
 from ciml.tasks import load_task
-from ciml.training import TrainConfig, Trainer, load_checkpoint, poly_lr, save_checkpoint
+from ciml.training import TrainConfig, Trainer, poly_lr
 
 SPEC = load_task("shapecomposition")
 DATA = ShapeExperimentConfig(size=(32, 32), batch_size=4)

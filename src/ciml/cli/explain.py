@@ -9,7 +9,7 @@ from pathlib import Path
 from ciml.data.layouts import LAYOUTS
 from ciml.explain import CAMS, EXTENTS, GRADCAM, explain_cases
 from ciml.inference.predict import DEVICES
-from ciml.training.run import CHECKPOINTS
+from ciml.runs import CHECKPOINTS
 
 
 def add_network_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 from ciml.data.layouts import LAYOUTS
 from ciml.errors import CimlError
 from ciml.inference.predict import DEVICES, InferenceSettings, predict_files, predict_folder
-from ciml.inference.sliding import DEFAULT_STEP
-from ciml.training.run import CHECKPOINTS
+from ciml.inferers import DEFAULT_STEP
+from ciml.runs import CHECKPOINTS
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:

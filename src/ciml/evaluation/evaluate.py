@@ -26,7 +26,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ciml.errors import CimlError
-from ciml.evaluation.metrics import (
+from ciml.files import write_text_atomic
+from ciml.metrics import (
     AUTOPET_METRICS,
     BRATS_METRICS,
     AggregatedDice,
@@ -35,7 +36,6 @@ from ciml.evaluation.metrics import (
     overlap_counts,
     per_region,
 )
-from ciml.files import write_text_atomic
 from ciml.tasks import TaskSpec, load_task
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")

@@ -50,8 +50,8 @@ from ciml.evaluation.evaluate import (
 )
 from ciml.files import write_json_atomic, write_text_atomic
 from ciml.inference.predict import THRESHOLD, InferenceSettings, Predictor
+from ciml.runs import RunFolder
 from ciml.tasks import TaskSpec
-from ciml.training.run import RunFolder
 
 OUTPUT_NAMES = ("robustness.json", "robustness.csv", "robustness.md")
 NOT_AVAILABLE = "n/a"

@@ -72,11 +72,11 @@ from ciml.explain.information import (
 )
 from ciml.files import write_bytes_atomic, write_json_atomic
 from ciml.inference.predict import resolve_device
-from ciml.inference.sliding import sliding_window_probabilities
 from ciml.inference.writing import reference_nifti, save_nifti_atomic, to_nifti
+from ciml.inferers import sliding_window_probabilities
 from ciml.models import size_divisor
+from ciml.runs import RunFolder
 from ciml.tasks import TaskSpec
-from ciml.training.run import RunFolder
 
 EXTENTS = ("auto", "case", "patch")
 #: Peak memory of an explanation per voxel, per full-resolution channel (``widths[0]``) and per modality:

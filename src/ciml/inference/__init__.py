@@ -11,19 +11,15 @@ from ciml.inference.predict import (
     predict_folder,
     resolve_device,
 )
-from ciml.inference.sliding import mirror_axes_combinations, mirrored_average, sliding_window_probabilities
 
 __all__ = [
     "CaseResult",
     "InferenceSettings",
     "Predictor",
-    "mirror_axes_combinations",
-    "mirrored_average",
     "output_paths",
     "predict_case",
     "predict_cases",
     "predict_files",
     "predict_folder",
     "resolve_device",
-    "sliding_window_probabilities",
 ]

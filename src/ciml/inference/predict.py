@@ -1,7 +1,7 @@
 """Predict label maps for new cases with a trained run (``ciml predict``).
 
 For each case: the run's own preprocessing (the plan in ``run.json``), sliding-window inference with
-Gaussian weighting and optional mirroring TTA (:mod:`ciml.inference.sliding`), the mean of the region
+Gaussian weighting and optional mirroring TTA (:mod:`ciml.inferers.sliding`), the mean of the region
 probabilities over the run's folds, the inversion back onto the input's own grid, and a label map in the
 dataset's label values (regions with probability > 0.5, painted in the spec's assembly order), written
 with the input's affine and header (:mod:`ciml.inference.writing`).
@@ -41,7 +41,6 @@ from ciml.data.layouts import read_dataset
 from ciml.data.preprocessing import PreprocessingPlan, invert_to_original, preprocess_case
 from ciml.devices import resolve_device
 from ciml.errors import CimlError
-from ciml.inference.sliding import DEFAULT_STEP, check_step, sliding_window_probabilities
 from ciml.inference.writing import (
     LABEL_SUFFIX,
     PROBABILITIES_SUFFIX,
@@ -49,10 +48,11 @@ from ciml.inference.writing import (
     write_label_map,
     write_probabilities,
 )
+from ciml.inferers import DEFAULT_STEP, check_step, sliding_window_probabilities
 from ciml.locks import folder_lock
 from ciml.models import CIMLNet, size_divisor
+from ciml.runs import CHECKPOINTS, RunFolder
 from ciml.tasks import TaskSpec
-from ciml.training.run import CHECKPOINTS, RunFolder
 
 DEVICES = ("auto", "cpu", "cuda")
 THRESHOLD = 0.5

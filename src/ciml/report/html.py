@@ -45,9 +45,9 @@ from ciml.explain import Explainer
 from ciml.explain.figures import case_overlay_png, tumour_slice
 from ciml.files import write_text_atomic
 from ciml.report.template import CSS, TEMPLATE
+from ciml.runs import RunFolder
 from ciml.tasks import TaskSpec
-from ciml.training.logging import LOG_FILE, PLOT_FILE, plot_progress, read_log
-from ciml.training.run import RunFolder
+from ciml.runs.log import LOG_FILE, PLOT_FILE, plot_progress, read_log
 
 SECTIONS = (
     ("evaluation", "Evaluation"),

@@ -1,6 +1,5 @@
-"""Training: the loop, its schedule and exactly-resumable checkpoints."""
+"""Training: the loop, its schedule and the engine behind `ciml train` (checkpoints: :mod:`ciml.runs`)."""
 
-from ciml.training.checkpoint import load_checkpoint, save_checkpoint
 from ciml.training.loop import Batch, TrainConfig, Trainer, poly_lr
 
-__all__ = ["Batch", "TrainConfig", "Trainer", "load_checkpoint", "poly_lr", "save_checkpoint"]
+__all__ = ["Batch", "TrainConfig", "Trainer", "poly_lr"]

@@ -1,6 +1,6 @@
 """Training on real volumes: dataset -> integrity check -> splits -> preprocessing cache -> patches -> run.
 
-`train(settings)` is what `ciml train` runs. It writes a run folder (:mod:`ciml.training.run`) with a
+`train(settings)` is what `ciml train` runs. It writes a run folder (:mod:`ciml.runs.folder`) with a
 5-fold patient-level split, the preprocessing plan, and per fold the last and best checkpoints, a
 JSONL log of every loss term and validation, and ``progress.png``. Runs resume exactly (`resume=True`)
 and scale over GPUs or nodes with PyTorch DDP launched by ``torchrun``.
@@ -30,15 +30,15 @@ from ciml.data.preprocessing import PreprocessedCache, PreprocessedCase, Preproc
 from ciml.data.sampling import random_mirror, sample_patches
 from ciml.devices import resolve_device
 from ciml.errors import CimlError
-from ciml.evaluation.metrics import dice
 from ciml.files import write_json_atomic
-from ciml.inference.sliding import sliding_window_probabilities
+from ciml.inferers import sliding_window_probabilities
 from ciml.locks import folder_lock
+from ciml.metrics import dice
 from ciml.models import CIMLNet, build_model
+from ciml.runs import RunFolder
 from ciml.tasks import TaskSpec, load_task
-from ciml.training.logging import RunLogger
+from ciml.runs.log import RunLogger
 from ciml.training.loop import Batch, TrainConfig, Trainer
-from ciml.training.run import RunFolder
 
 CPU_DEFAULTS = {"patch_size": (64, 64, 64), "batch_size": 2, "widths": (16, 32, 64, 128)}
 KILL_AFTER_VARIABLE = "CIML_TEST_KILL_AFTER_ITERATION"

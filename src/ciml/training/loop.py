@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ciml.devices import resolve_device
 from ciml.errors import CimlError
 from ciml.losses import CIMLLoss
-from ciml.training.checkpoint import load_checkpoint, save_checkpoint
+from ciml.runs import load_checkpoint, save_checkpoint
 
 
 @dataclass

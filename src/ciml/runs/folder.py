@@ -25,8 +25,8 @@ from torch import nn
 from ciml.errors import CimlError
 from ciml.files import write_json_atomic
 from ciml.models import model_from_config
+from ciml.runs import load_checkpoint
 from ciml.tasks import TaskSpec
-from ciml.training.checkpoint import load_checkpoint
 
 RUN_FILE = "run.json"
 SPLITS_FILE = "splits_final.json"

@@ -1,0 +1,6 @@
+"""Run folders: the layout training writes, its checkpoints, and loading a trained run for every consumer."""
+
+from ciml.runs.checkpoint import load_checkpoint, save_checkpoint
+from ciml.runs.folder import CHECKPOINTS, RUN_FILE, SPLITS_FILE, RunFolder
+
+__all__ = ["CHECKPOINTS", "RUN_FILE", "SPLITS_FILE", "RunFolder", "load_checkpoint", "save_checkpoint"]
