@@ -153,7 +153,9 @@ def _install_chromium() -> str | None:
     environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for command in ([apt, "update"], [apt, "install", "-y", "chromium"]):
         try:
-            done = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=1200)
+            done = subprocess.run(
+                command, capture_output=True, encoding="utf-8", errors="replace", env=environment, timeout=1200
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             return f"`{' '.join(command)}` failed: {exc}"
         if done.returncode != 0:
