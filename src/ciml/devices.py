@@ -1,10 +1,10 @@
-"""Choosing the torch device from a user's ``--device`` (one rule for training, prediction, explanation)."""
+"""Choosing the torch device from a ``device`` name (one rule for training, prediction, explanation)."""
 
 from __future__ import annotations
 
 import torch
 
-from ciml.errors import CimlError
+from ciml.errors import ParameterError
 
 
 def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
@@ -17,10 +17,10 @@ def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.d
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name != "cpu" and not name.startswith("cuda"):
-        raise CimlError(f"--device must be auto, cpu or cuda, got {name!r}")
+        raise ParameterError("device", f"must be auto, cpu or cuda, got {name!r}")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise CimlError(f"--device {name}: torch sees no CUDA device here; use --device cpu or auto")
+            raise ParameterError("device", f"{name}: torch sees no CUDA device here; use cpu or auto")
         if local_rank is not None:
             torch.cuda.set_device(local_rank)
             return torch.device("cuda", local_rank)

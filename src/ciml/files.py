@@ -10,9 +10,11 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from ciml.errors import ParameterError
 
 
 def _umask() -> int:
@@ -85,3 +87,19 @@ def _nan_to_none(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_nan_to_none(v) for v in value]
     return value
+
+
+def refuse_existing(paths: Iterable[str | Path], overwrite: bool = False) -> None:
+    """Refuse to replace an existing file or non-empty folder unless ``overwrite``.
+
+    Call it before any work, so that a refused run writes nothing at all.
+    """
+    if overwrite:
+        return
+    taken = [
+        p for p in map(Path, paths) if (p.is_dir() and any(p.iterdir())) or (p.exists() and not p.is_dir())
+    ]
+    if taken:
+        shown = ", ".join(map(str, taken[:5])) + (f" and {len(taken) - 5} more" if len(taken) > 5 else "")
+        what = "is not empty" if taken[0].is_dir() else "already exists"
+        raise ParameterError("overwrite", f"{shown}: {what} (set overwrite to replace it)")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from ciml.models import build_model, model_from_config, model_names, size_divisor
+from ciml.errors import CimlError
+from ciml.models import MissingModalities, build_model, model_from_config, model_names
 from ciml.tasks import load_task
 
 WIDTHS = (4, 8, 8)
@@ -54,7 +57,7 @@ def test_backward_reaches_every_parameter(name: str) -> None:
 def test_any_size_divisible_by_two_to_the_depth(name: str, size: int) -> None:
     spec = load_task("autopet")
     model = build_model(name, spec, widths=WIDTHS, spatial_dims=3)
-    assert size % size_divisor(model) == 0
+    assert size % model.size_divisor == 0
     out = model(torch.randn(1, 2, size, size // 2 + size // 2, 8))
     assert all(t.shape[2:] == (size, size, 8) for t in out.logits.values())
 
@@ -72,3 +75,28 @@ def test_save_load_round_trip(name: str, tmp_path) -> None:
         a, b = model(x), clone(x)
     for key in a.logits:
         torch.testing.assert_close(a.logits[key], b.logits[key])
+
+
+def test_declared_interface_matches_what_the_network_does(name: str) -> None:
+    """Owners, segmentors, inputs and missing-modality behaviour are what the network's outputs show."""
+    spec = load_task("brats2020")
+    model = build_model(name, spec, widths=WIDTHS, spatial_dims=3).eval()
+    assert model.name == name and set(model.owners) == set(spec.regions)
+    out = model(torch.randn(1, 4, 8, 8, 8))
+    assert set(out.logits) == set(model.segmentors)
+    for region, owners in model.owners.items():
+        assert {s for s in out.owned if region in out.owned[s]} == set(owners)
+    assert all(set(inputs) <= set(spec.modalities) for inputs in model.primary_inputs.values())
+    assert json.loads(json.dumps(model.describe()))["owners"] == {r: list(o) for r, o in model.owners.items()}
+    without_t1 = ["flair", "t1ce", "t2"]
+    if model.missing_modalities is MissingModalities.UNSUPPORTED:
+        with pytest.raises(CimlError, match="cannot run without t1"):
+            model(torch.randn(1, 4, 8, 8, 8), present=without_t1)
+    else:
+        assert set(model(torch.randn(1, 4, 8, 8, 8), present=without_t1).logits) <= set(model.segmentors)
+
+
+def test_effective_bottleneck_weight() -> None:
+    spec = load_task("brats2020")
+    assert build_model("ciml-beta0", spec, widths=WIDTHS).loss_beta(1e-3) == 0.0
+    assert build_model("ciml", spec, widths=WIDTHS).loss_beta(1e-3) == 1e-3

@@ -11,7 +11,6 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 
-from ciml.inference.predict import KILL_AFTER_CASES_VARIABLE, KILL_BEFORE_LABEL_VARIABLE
 from ciml.locks import LOCK_NAME, FolderLockedError, folder_lock
 
 pytestmark = pytest.mark.slow
@@ -30,6 +29,29 @@ def _predict(run: Path, listing: Path, output: Path, *extra: str, env: dict | No
     )
 
 
+#: Predicts like ``ciml predict`` but SIGKILLs itself at a prediction callback (argv: run, listing, output,
+#: callback name).
+_KILLED_PREDICTION = """
+import os, signal, sys
+from ciml.inference import InferenceSettings, PredictionCallbacks, predict_folder
+
+def kill(_):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+run, listing, output, hook = sys.argv[1:]
+predict_folder(run, listing, output, layout="csv", settings=InferenceSettings(device="cpu"),
+               save_probabilities=True, progress=False, callbacks=PredictionCallbacks(**{hook: kill}))
+"""
+
+
+def _killed_predict(run: Path, listing: Path, output: Path, hook: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", _KILLED_PREDICTION, str(run), str(listing), str(output), hook]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        command, capture_output=True, encoding="utf-8", errors="replace", env=environment, timeout=120
+    )
+
+
 def _assert_only_complete_files(output: Path) -> dict[str, float]:
     """Every file is a loadable prediction (no temporary left); returns name -> mtime.
 
@@ -42,13 +64,10 @@ def _assert_only_complete_files(output: Path) -> dict[str, float]:
     return {n: (output / n).stat().st_mtime_ns for n in names}
 
 
-@pytest.mark.parametrize(
-    "hook, finished",
-    [(KILL_AFTER_CASES_VARIABLE, {"c0.nii.gz"}), (KILL_BEFORE_LABEL_VARIABLE, set())],
-)
+@pytest.mark.parametrize("hook, finished", [("after_case", {"c0.nii.gz"}), ("before_label", set())])
 def test_killed_prediction_leaves_complete_files_and_resumes(tmp_path, run_folder, dataset, hook, finished):
     output = tmp_path / "preds"
-    killed = _predict(run_folder, dataset, output, "--save-probabilities", env={hook: "1"})
+    killed = _killed_predict(run_folder, dataset, output, hook)
     assert killed.returncode == -9, killed.stderr
     before = _assert_only_complete_files(output)
     assert {n for n in before if not n.endswith("_probabilities.nii.gz")} == finished

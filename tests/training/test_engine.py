@@ -17,8 +17,8 @@ from ciml.cli import main
 from ciml.errors import CimlError
 from ciml.locks import folder_lock
 from ciml.runs import load_checkpoint, save_checkpoint
-from ciml.training.engine import KILL_AFTER_VARIABLE, make_splits
 from ciml.runs.log import read_log
+from ciml.training.engine import make_splits
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 TINY = ["--patch", "16", "16", "16", "--widths", "4", "8", "--batch-size", "2", "--no-progress"]
@@ -118,9 +118,19 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(dataset, tmp_path) ->
     assert main(_train(dataset, straight, *args)) == 0
 
     killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "ciml.cli", *_train(dataset, killed, *args)]
-    env = {**os.environ, KILL_AFTER_VARIABLE: "4", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    script = (  # `ciml train` with a step callback that SIGKILLs the process after iteration 4
+        "import os, signal, sys\n"
+        "from ciml.cli import build_parser\n"
+        "from ciml.cli.train import settings_from_args\n"
+        "from ciml.training.engine import train\n"
+        "def kill(trainer, record):\n"
+        "    if trainer.iteration == 4:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "train(settings_from_args(build_parser().parse_args(sys.argv[1:])), callbacks=[kill])\n"
+    )
+    command = [sys.executable, "-c", script, *_train(dataset, killed, *args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, encoding="utf-8", timeout=300)
     assert result.returncode == -9, result.stderr[-2000:]
     assert load_checkpoint(killed / "fold_0" / "checkpoint_last.pt")["iteration"] == 3
     assert main(_train(dataset, killed, *args, "--resume")) == 0

@@ -12,7 +12,8 @@ import os
 import sys
 
 from ciml import __version__
-from ciml.errors import CimlError
+from ciml.cli.options import FLAGS_KEY
+from ciml.errors import CimlError, ParameterError
 
 # Subcommand modules under ciml.cli, in the order `ciml --help` lists them.
 SUBCOMMANDS = (
@@ -48,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_message(exc: CimlError, flags: dict[str, str]) -> str:
+    """The error in the command's terms: a parameter the command sets is named by its flag."""
+    if isinstance(exc, ParameterError) and exc.parameter in flags:
+        return f"{flags[exc.parameter]}: {exc.problem}"
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -57,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CimlError as exc:
-        print(f"ciml {args.command}: error: {exc}", file=sys.stderr)
+        print(
+            f"ciml {args.command}: error: {error_message(exc, getattr(args, FLAGS_KEY, {}))}", file=sys.stderr
+        )
         return 1
     except KeyboardInterrupt:
         print(f"ciml {args.command}: interrupted", file=sys.stderr)

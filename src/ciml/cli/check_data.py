@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ciml.cli.options import add_overwrite, add_progress, add_task, finish
 from ciml.data.integrity import IntegrityReport, check_folder
 from ciml.data.layouts import LAYOUTS
 from ciml.errors import CimlError
-from ciml.files import write_json_atomic
+from ciml.files import refuse_existing, write_json_atomic
 from ciml.tasks import load_task
 
 
@@ -25,9 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "error, else 0. Nothing is written unless --json is given."
         ),
     )
-    parser.add_argument(
-        "--task", required=True, help="task preset name (e.g. brats2020) or task spec YAML file"
-    )
+    add_task(parser)
     parser.add_argument(
         "--data",
         required=True,
@@ -46,9 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="also write the report as JSON to this file (default: write nothing)",
     )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace an existing --json file (default: refuse)"
-    )
+    add_overwrite(parser, "an existing --json file")
     parser.add_argument(
         "--require-labels",
         action="store_true",
@@ -63,14 +60,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--verbose", action="store_true", help="list every note too (default: errors and warnings only)"
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar (default: show one on stderr)")
-    parser.set_defaults(func=run)
+    add_progress(parser, "--quiet")
+    finish(parser, run)
 
 
 def run(args: argparse.Namespace) -> int:
     spec = load_task(args.task)
-    if args.json is not None and args.json.exists() and not args.overwrite:
-        raise CimlError(f"{args.json}: already exists (pass --overwrite to replace it)")
+    if args.json is not None:
+        refuse_existing([args.json], args.overwrite)
     if args.workers < 1:
         raise CimlError(f"--workers: must be at least 1, got {args.workers}")
     report = check_folder(
@@ -78,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         spec,
         args.layout,
         require_labels=True if args.require_labels else None,
-        progress=not args.quiet,
+        progress=args.progress,
         workers=args.workers,
     )
     hidden = [] if args.verbose else report.notes

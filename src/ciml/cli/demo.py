@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ciml.cli.options import add_device, add_progress, finish
 from ciml.errors import CimlError
 from ciml.experiments.brain_demo import BrainDemoConfig, run_brain_demo
 from ciml.models import model_names
@@ -44,10 +45,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="sliding-window tile size for prediction",
     )
     parser.add_argument("--widths", type=int, nargs="+", default=list(DEFAULTS.widths), help="U-Net widths")
-    parser.add_argument("--device", default=DEFAULTS.device, help="auto, cpu or cuda")
+    add_device(parser, DEFAULTS.device)
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of phantoms, split and weights")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.set_defaults(func=run)
+    add_progress(parser)
+    finish(parser, run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,6 +65,6 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
     )
-    summary = run_brain_demo(args.out, config, progress=not args.no_progress)
+    summary = run_brain_demo(args.out, config, progress=args.progress)
     print(f"\ndemo finished: {args.out}\nopen the report in a browser: {summary['report']}")
     return 0

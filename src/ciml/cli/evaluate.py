@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ciml.cli.options import add_overwrite, add_progress, add_task, finish
 from ciml.evaluation.evaluate import CONVENTION_FOR_TASK, CONVENTIONS, check_outputs, evaluate_folders
 
 
@@ -21,9 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "over all cases per class, and its mean."
         ),
     )
-    parser.add_argument(
-        "--task", required=True, help="task preset name (e.g. brats2020) or task spec YAML file"
-    )
+    add_task(parser)
     parser.add_argument(
         "--pred",
         required=True,
@@ -52,16 +51,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help=f"challenge conventions; default from the task name ({task_defaults}; any other task: brats)",
     )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace existing output files (default: refuse)"
-    )
-    parser.set_defaults(func=run)
+    add_overwrite(parser, "existing output files")
+    add_progress(parser)
+    finish(parser, run)
 
 
 def run(args: argparse.Namespace) -> int:
     outputs = [args.out] + ([args.csv] if args.csv else [])
     check_outputs(outputs, args.overwrite)  # fail before the (long) evaluation, not after it
-    result = evaluate_folders(args.pred, args.ref, args.task, convention=args.convention, progress=True)
+    result = evaluate_folders(
+        args.pred, args.ref, args.task, convention=args.convention, progress=args.progress
+    )
     print(result.table())
     result.write(args.out, args.csv, overwrite=args.overwrite)
     print(f"wrote {', '.join(map(str, outputs))}")

@@ -6,9 +6,9 @@ import argparse
 import time
 from pathlib import Path
 
+from ciml.cli.options import add_device, add_overwrite, add_progress, finish
 from ciml.data.layouts import LAYOUTS
 from ciml.explain import CAMS, EXTENTS, GRADCAM, explain_cases
-from ciml.inference.predict import DEVICES
 from ciml.runs import CHECKPOINTS
 
 
@@ -20,12 +20,7 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint", choices=CHECKPOINTS, default="last", help="last (default) or best checkpoint"
     )
-    parser.add_argument(
-        "--device",
-        choices=DEVICES,
-        default="auto",
-        help="auto (default: CUDA when available), cpu or cuda; always float32, gradients must be exact",
-    )
+    add_device(parser)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -92,11 +87,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="voxel budget of --extent auto (default: what fits in about 4 GB for this network)",
     )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace existing explanations (default: refuse)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar and per-case times")
-    parser.set_defaults(func=run)
+    add_overwrite(parser, "existing explanations")
+    add_progress(parser)
+    finish(parser, run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         extent=args.extent,
         max_voxels=args.max_voxels,
         overwrite=args.overwrite,
-        progress=not args.no_progress,
+        progress=args.progress,
     )
     for summary in summaries:
         print(f"{summary['case_id']}: {summary['method']}, {summary['extent']} -> {summary['folder']}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ciml.cli.options import add_overwrite, add_progress, finish
 from ciml.data.phantoms import PHANTOMS, phantom_generator
 from ciml.errors import CimlError
 
@@ -45,17 +46,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="brats only: voxel size in mm; 1 = BraTS's 240x240x155 grid, 2 = 120x120x78, 8x less work "
         "(default: 1)",
     )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
+    add_overwrite(
+        parser,
         help="replace existing files; without it, existing non-empty case folders or files stop the run "
         "before anything is written",
     )
-    parser.set_defaults(func=run)
+    add_progress(parser)
+    finish(parser, run)
 
 
 def run(args: argparse.Namespace) -> int:
-    options = {"overwrite": args.overwrite, "progress": True}
+    options = {"overwrite": args.overwrite, "progress": args.progress}
     if args.spacing is not None:
         if args.dataset != "brats":
             raise CimlError(f"--spacing applies to brats only, not {args.dataset}")

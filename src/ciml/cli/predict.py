@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ciml.cli.options import add_device, add_overwrite, add_progress, finish
 from ciml.data.layouts import LAYOUTS
 from ciml.errors import CimlError
-from ciml.inference.predict import DEVICES, InferenceSettings, predict_files, predict_folder
+from ciml.inference.predict import InferenceSettings, predict_files, predict_folder
 from ciml.inferers import DEFAULT_STEP
 from ciml.runs import CHECKPOINTS
 
@@ -47,16 +48,13 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--patch",
+        dest="patch_size",
         type=int,
         nargs=3,
+        metavar=("X", "Y", "Z"),
         help="sliding-window tile size (default: the run's training patch; larger tiles are faster on CPU)",
     )
-    parser.add_argument(
-        "--device",
-        choices=DEVICES,
-        default="auto",
-        help="where to run: auto (default: CUDA with bf16 autocast when available, else CPU), cpu, cuda",
-    )
+    add_device(parser)
     parser.add_argument(
         "--layout",
         default="auto",
@@ -67,7 +65,7 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> InferenceSettings:
     folds = None if args.folds is None else tuple(args.folds)
-    patch = tuple(args.patch) if args.patch else None
+    patch = tuple(args.patch_size) if args.patch_size else None
     return InferenceSettings(args.checkpoint, folds, args.tta, args.step, args.device, patch_size=patch)
 
 
@@ -117,12 +115,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also write <case_id>_probabilities.nii.gz: float32 region probabilities [X, Y, Z, R]",
     )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace existing outputs (default: keep them and skip the cases that have them)",
+    add_overwrite(
+        parser, help="replace existing outputs (default: keep them and skip the cases that have them)"
     )
-    parser.set_defaults(func=run)
+    add_progress(parser)
+    finish(parser, run)
 
 
 def parse_modalities(text: str | None) -> list[str] | None:
@@ -152,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
         "modalities": parse_modalities(args.modalities),
         "save_probabilities": args.save_probabilities,
         "overwrite": args.overwrite,
+        "progress": args.progress,
     }
     if args.files is not None:
         results = [

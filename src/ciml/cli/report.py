@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ciml.cli.explain import add_network_arguments
+from ciml.cli.options import add_overwrite, add_progress, finish
 from ciml.data.layouts import LAYOUTS
 from ciml.report import write_report
 
@@ -28,10 +29,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out", type=Path, default=None, help="the HTML file to write (default: RUN/report.html)"
     )
     parser.add_argument(
-        "--pred", type=Path, default=None, help="folder of predicted label maps <case>.nii.gz (with --ref)"
+        "--pred",
+        dest="pred_dir",
+        type=Path,
+        default=None,
+        help="folder of predicted label maps <case>.nii.gz (with --ref)",
     )
     parser.add_argument(
         "--ref",
+        dest="ref_dir",
         type=Path,
         default=None,
         help="references for --pred: <case>.nii.gz files, labelsTr/, or a dataset folder (whose images "
@@ -66,11 +72,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="cases shown with overlays and from --explanations (default 3)",
     )
     add_network_arguments(parser)
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace an existing report (default: refuse)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide the evaluation's progress bar")
-    parser.set_defaults(func=run)
+    add_overwrite(parser, "an existing report")
+    add_progress(parser)
+    finish(parser, run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
     out = write_report(
         args.run,
         args.out if args.out is not None else args.run / "report.html",
-        pred_dir=args.pred,
-        ref_dir=args.ref,
+        pred_dir=args.pred_dir,
+        ref_dir=args.ref_dir,
         explanations=args.explanations,
         robustness=args.robustness,
         explain_cases=args.explain_cases,
@@ -89,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         device=args.device,
         overwrite=args.overwrite,
-        progress=not args.no_progress,
+        progress=args.progress,
     )
     print(f"wrote {out} in {time.perf_counter() - started:.1f} s")
     return 0

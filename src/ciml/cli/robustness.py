@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ciml.cli.options import add_overwrite, add_progress, finish
 from ciml.cli.predict import add_inference_arguments, parse_modalities, settings_from_args
 from ciml.evaluation.evaluate import CONVENTIONS, check_outputs
 from ciml.evaluation.robustness import OUTPUT_NAMES, evaluate_robustness, output_paths
@@ -46,10 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="challenge conventions; default from the task name (see `ciml evaluate --help`; else brats)",
     )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace existing output files (default: refuse)"
-    )
-    parser.set_defaults(func=run)
+    add_overwrite(parser, "existing output files")
+    add_progress(parser)
+    finish(parser, run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         settings=settings_from_args(args),
         subsets=subsets,
         convention=args.convention,
+        progress=args.progress,
     )
     print(result.table())
     paths = result.write(out, overwrite=args.overwrite)

@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from ciml.cli.options import add_device, add_overwrite, add_progress, add_task, finish
 from ciml.errors import CimlError
 from ciml.experiments.shapecomposition import (
     DEMO_METHODS,
@@ -33,8 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=Path("shapes_out"), help="output folder")
-    parser.add_argument(
-        "--task",
+    add_task(
+        parser,
+        required=False,
         default=DEFAULTS.task,
         help="ShapeComposition preset (shapecomposition, shapecomposition3, ...)",
     )
@@ -61,16 +63,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--methods", nargs="+", default=list(DEMO_METHODS), choices=model_names(), help="methods to compare"
     )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (CUDA when available)")
+    add_device(parser, "cpu")
     parser.add_argument(
         "--jobs",
         type=int,
         default=min(2, os.cpu_count() or 1),
         help="methods trained in parallel processes, one torch thread each (same results, less wall time)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace results already in --out")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.set_defaults(func=run)
+    add_overwrite(parser, "results already in --out")
+    add_progress(parser)
+    finish(parser, run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
     )
     out.mkdir(parents=True, exist_ok=True)
-    results = run_experiment(config, progress=not args.no_progress, jobs=args.jobs)
+    results = run_experiment(config, progress=args.progress, jobs=args.jobs)
     table = results_table(results)
     print()
     print(table)

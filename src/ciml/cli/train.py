@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
+from ciml.cli.options import add_device, add_progress, add_task, finish
 from ciml.models import model_names
 from ciml.training.engine import CPU_DEFAULTS, GPU_DEFAULTS, TrainSettings, train
+
+DEFAULTS = TrainSettings(task="", data=Path(), out=Path())
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,27 +26,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--task", required=True, help="task preset (brats2020, autopet, hecktor2022) or YAML file"
-    )
+    add_task(parser)
     parser.add_argument(
         "--data", required=True, type=Path, help="dataset folder (any supported layout) or CSV"
     )
     parser.add_argument("--out", required=True, type=Path, help="run folder")
-    parser.add_argument("--model", default="ciml", choices=model_names(), help="network to train")
-    parser.add_argument("--fold", type=int, default=0, help="fold to train (0-4)")
+    parser.add_argument("--model", default=DEFAULTS.model, choices=model_names(), help="network to train")
+    parser.add_argument("--fold", type=int, default=DEFAULTS.fold, help="fold to train (0-4)")
     length = parser.add_mutually_exclusive_group()
     length.add_argument(
         "--iterations", type=int, help="optimizer steps (default: epochs x iterations per epoch)"
     )
     length.add_argument("--epochs", type=int, help="epochs of --iterations-per-epoch steps (default 1000)")
     parser.add_argument(
-        "--iterations-per-epoch", type=int, default=250, help="steps per epoch (nnU-Net: 250)"
+        "--iterations-per-epoch",
+        type=int,
+        default=DEFAULTS.iterations_per_epoch,
+        help="steps per epoch (nnU-Net: 250)",
     )
     parser.add_argument(
         "--patch",
+        dest="patch_size",
         type=int,
         nargs=3,
+        metavar=("X", "Y", "Z"),
         help=f"patch size (default: task's on GPU, {CPU_DEFAULTS['patch_size']} on CPU)",
     )
     parser.add_argument(
@@ -56,63 +63,54 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"U-Net widths per level (default GPU {GPU_DEFAULTS['widths']}, CPU {CPU_DEFAULTS['widths']})",
     )
     parser.add_argument(
-        "--spacing", type=float, nargs=3, help="target spacing in mm (default: the data's median)"
+        "--spacing",
+        dest="target_spacing",
+        type=float,
+        nargs=3,
+        metavar=("X", "Y", "Z"),
+        help="target spacing in mm (default: the data's median)",
     )
-    parser.add_argument("--beta", type=float, default=1e-3, help="weight of the KL (bottleneck) term")
-    parser.add_argument("--lr", type=float, default=1e-3, help="initial learning rate (poly decay)")
-    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="optimizer")
     parser.add_argument(
-        "--modality-dropout", type=float, default=0.0, help="chance a batch hides random modalities"
+        "--beta", type=float, default=DEFAULTS.beta, help="weight of the KL (bottleneck) term"
+    )
+    parser.add_argument("--lr", type=float, default=DEFAULTS.lr, help="initial learning rate (poly decay)")
+    parser.add_argument("--optimizer", default=DEFAULTS.optimizer, choices=["adamw", "sgd"], help="optimizer")
+    parser.add_argument(
+        "--modality-dropout",
+        type=float,
+        default=DEFAULTS.modality_dropout,
+        help="chance a batch hides random modalities",
     )
     parser.add_argument(
-        "--foreground-fraction", type=float, default=1 / 3, help="share of foreground patches"
+        "--foreground-fraction",
+        type=float,
+        default=DEFAULTS.foreground_fraction,
+        help="share of foreground patches",
     )
     parser.add_argument("--validate-every", type=int, help="steps between validations (default: one epoch)")
     parser.add_argument("--max-validation-cases", type=int, help="validate on at most this many cases")
     parser.add_argument(
-        "--layout", default="auto", help="dataset layout: auto, brats, autopet, hecktor, nnunet, csv"
+        "--layout", default=DEFAULTS.layout, help="dataset layout: auto, brats, autopet, hecktor, nnunet, csv"
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    parser.add_argument("--seed", type=int, default=0, help="seed of split, weights and patches")
-    parser.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on GPU")
+    add_device(parser, DEFAULTS.device)
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of split, weights and patches")
+    parser.add_argument("--no-amp", dest="amp", action="store_false", help="disable bf16 autocast on GPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
     parser.add_argument("--resume", action="store_true", help="continue the fold from its last checkpoint")
     parser.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (when installed)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.set_defaults(func=run)
+    add_progress(parser)
+    finish(parser, run)
+
+
+def settings_from_args(args: argparse.Namespace) -> TrainSettings:
+    """The settings the parsed options name (option dests are TrainSettings fields)."""
+    values = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings) if hasattr(args, f.name)
+    }
+    return TrainSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = TrainSettings(
-        task=args.task,
-        data=args.data,
-        out=args.out,
-        model=args.model,
-        fold=args.fold,
-        iterations=args.iterations,
-        epochs=args.epochs,
-        iterations_per_epoch=args.iterations_per_epoch,
-        patch_size=tuple(args.patch) if args.patch else None,
-        validation_patch=tuple(args.validation_patch) if args.validation_patch else None,
-        batch_size=args.batch_size,
-        widths=tuple(args.widths) if args.widths else None,
-        target_spacing=tuple(args.spacing) if args.spacing else None,
-        beta=args.beta,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        seed=args.seed,
-        device=args.device,
-        layout=args.layout,
-        modality_dropout=args.modality_dropout,
-        foreground_fraction=args.foreground_fraction,
-        validate_every=args.validate_every,
-        max_validation_cases=args.max_validation_cases,
-        amp=not args.no_amp,
-        compile=args.compile,
-        resume=args.resume,
-        tensorboard=args.tensorboard,
-        progress=not args.no_progress,
-    )
-    run_folder = train(settings)
+    run_folder = train(settings_from_args(args))
     print(f"trained fold {args.fold}: {run_folder.fold_dir(args.fold)}")
     return 0

@@ -120,7 +120,7 @@ def detect_layout(path: str | Path) -> str:
         path,
         f"unrecognised dataset layout (holds {shown}); expected one of: "
         + "; ".join(f"{k}: {v}" for k, v in _LAYOUT_HINTS.items())
-        + ". Pass --layout to name it, or list the cases in a CSV",
+        + ". Name the layout, or list the cases in a CSV",
     )
 
 

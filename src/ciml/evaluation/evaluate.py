@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ciml.errors import CimlError
-from ciml.files import write_text_atomic
+from ciml.files import refuse_existing, write_text_atomic
 from ciml.metrics import (
     AUTOPET_METRICS,
     BRATS_METRICS,
@@ -362,13 +362,7 @@ def _nan_to_none(value: Any) -> Any:
 
 def check_outputs(paths: Iterable[str | Path], overwrite: bool = False) -> None:
     """Refuse to replace existing files unless ``overwrite``; call before long work to fail early."""
-    if overwrite:
-        return
-    existing = [str(p) for p in paths if Path(p).exists()]
-    if existing:
-        raise EvaluationError(
-            f"{', '.join(existing)}: already exists (pass --overwrite / overwrite=True to replace)"
-        )
+    refuse_existing(paths, overwrite)
 
 
 def evaluate_folders(

@@ -49,9 +49,9 @@ from ciml.evaluation.evaluate import (
     summarize,
 )
 from ciml.files import write_json_atomic, write_text_atomic
-from ciml.inference.predict import THRESHOLD, InferenceSettings, Predictor
+from ciml.inference.predict import InferenceSettings, Predictor
 from ciml.runs import RunFolder
-from ciml.tasks import TaskSpec
+from ciml.tasks import REGION_THRESHOLD, TaskSpec
 
 OUTPUT_NAMES = ("robustness.json", "robustness.csv", "robustness.md")
 NOT_AVAILABLE = "n/a"
@@ -230,7 +230,7 @@ def _score_subset(
     masks = np.zeros((len(spec.region_names), *labels.shape), dtype=bool)
     if keep:
         probabilities = predictor.probabilities(pre.image, subset, partial=True)
-        masks[keep] = invert_to_original(probabilities[keep], pre.meta, mode="linear") > THRESHOLD
+        masks[keep] = invert_to_original(probabilities[keep], pre.meta, mode="linear") > REGION_THRESHOLD
     metrics = case_metrics(spec.regions_to_labels(masks), labels, spec, spacing, convention.name)
     for region in unpredictable:
         metrics[region] = {k: math.nan for k in metrics[region]}

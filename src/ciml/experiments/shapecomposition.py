@@ -24,8 +24,8 @@ from torch import nn
 from ciml.data.shapecomposition import SelectivityMeter, composite_dice, make_batch, validate_spec
 from ciml.errors import CimlError
 from ciml.files import atomic_path, write_json_atomic
-from ciml.models import CIMLNet, build_model
-from ciml.tasks import TaskSpec, load_task
+from ciml.models import build_model
+from ciml.tasks import REGION_THRESHOLD, TaskSpec, load_task
 from ciml.training import Batch, TrainConfig, Trainer
 
 COMPOSITE = "composite"
@@ -124,7 +124,7 @@ def evaluate_method(
     regions = list(spec.region_names)
     composite_index = regions.index(COMPOSITE)
     modalities = list(spec.modality_names)
-    gated = isinstance(model, CIMLNet) and bool(model.gates)
+    gated = bool(model.message_levels)
     dice: dict[str, list[np.ndarray]] = {r: [] for r in regions}
     unimodal: dict[str, list[np.ndarray]] = {}
     receivers = spec.owners(COMPOSITE)
@@ -137,7 +137,7 @@ def evaluate_method(
     silence: dict[str, list[float]] = {}
     for batch in batches:
         output = model(batch["image"], return_maps=gated)
-        predicted = (output.region_probabilities(regions) > 0.5).numpy()
+        predicted = (output.region_probabilities(regions) > REGION_THRESHOLD).numpy()
         target = batch["regions"].bool().numpy()
         for i, region in enumerate(regions):
             dice[region].append(composite_dice(predicted[:, i], target[:, i]))
@@ -265,9 +265,9 @@ def plot_examples(results: dict[str, Any], path: Path, samples: int = 3) -> None
     info_maps = []
     with torch.no_grad():
         for method, model in models.items():
-            output = model(image, return_maps=isinstance(model, CIMLNet) and bool(model.gates))
+            output = model(image, return_maps=bool(model.message_levels))
             probabilities = output.region_probabilities(spec.region_names)[:, composite].numpy()
-            columns.append((method, probabilities > 0.5, "magma"))
+            columns.append((method, probabilities > REGION_THRESHOLD, "magma"))
             if method == "ciml":
                 size = image.shape[2:]
                 for sender in senders:

@@ -40,13 +40,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from ciml.data.cases import Case
 from ciml.data.layouts import read_dataset
 from ciml.data.preprocessing import PreprocessedCase, PreprocessingPlan, invert_to_original, preprocess_case
-from ciml.errors import CimlError
+from ciml.errors import CimlError, ParameterError
 from ciml.explain.figures import contributions_png, fractions_png, information_png, tumour_slice
 from ciml.explain.gradcam import (
     CAMS,
@@ -70,13 +69,12 @@ from ciml.explain.information import (
     parse_gate_key,
     upsample_replicate,
 )
-from ciml.files import write_bytes_atomic, write_json_atomic
-from ciml.inference.predict import resolve_device
+from ciml.files import refuse_existing, write_bytes_atomic, write_json_atomic
 from ciml.inference.writing import reference_nifti, save_nifti_atomic, to_nifti
 from ciml.inferers import sliding_window_probabilities
-from ciml.models import size_divisor
-from ciml.runs import RunFolder
-from ciml.tasks import TaskSpec
+from ciml.models import SegmentationNetwork
+from ciml.runs import RunFolder, load_trained_run
+from ciml.tasks import REGION_THRESHOLD, TaskSpec
 
 EXTENTS = ("auto", "case", "patch")
 #: Peak memory of an explanation per voxel, per full-resolution channel (``widths[0]``) and per modality:
@@ -147,7 +145,7 @@ class CaseExplanation:
 
     def tumour_slice(self) -> int:
         """Axial slice with the most predicted tumour (any region) inside the window."""
-        predicted = np.nan_to_num(self.probabilities) > 0.5
+        predicted = np.nan_to_num(self.probabilities) > REGION_THRESHOLD
         return tumour_slice(predicted.any(0))
 
     def images(self) -> dict[str, np.ndarray]:
@@ -201,12 +199,10 @@ class CaseExplanation:
 # ---------------------------------------------------------------------------------------- explainer
 
 
-def default_max_voxels(model: nn.Module, memory_bytes: int = DEFAULT_MEMORY_BYTES) -> int:
+def default_max_voxels(model: SegmentationNetwork, memory_bytes: int = DEFAULT_MEMORY_BYTES) -> int:
     """Voxels one explanation of ``model`` can cover within ``memory_bytes`` (see :data:`BYTES_PER_VOXEL`)."""
-    config = getattr(model, "config", {})
-    width = int(config.get("widths", [32])[0])
-    modalities = len(config.get("task", {}).get("modalities", ())) or 1
-    return int(memory_bytes // (BYTES_PER_VOXEL * width * modalities))
+    width = int(model.config["widths"][0])
+    return int(memory_bytes // (BYTES_PER_VOXEL * width * len(model.modalities)))
 
 
 def _window_around(centre: Sequence[float], size: Sequence[int], shape: Sequence[int]) -> Window:
@@ -250,7 +246,7 @@ class Explainer:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: SegmentationNetwork,
         spec: TaskSpec,
         plan: PreprocessingPlan,
         patch_size: Sequence[int],
@@ -260,7 +256,7 @@ class Explainer:
         self.model = model.to(self.device).eval()
         self.spec, self.plan = spec, plan
         self.patch_size = tuple(int(p) for p in patch_size)
-        self.model_name = getattr(model, "config", {}).get("name", type(model).__name__)
+        self.model_name = model.name
 
     @classmethod
     def from_run(
@@ -276,21 +272,9 @@ class Explainer:
             CimlError: not a run folder, no trained fold, no preprocessing plan or patch size in run.json.
         """
         run = run if isinstance(run, RunFolder) else RunFolder(run)
-        info = run.read_info()
-        for key in ("preprocessing", "patch_size"):
-            if key not in info:
-                raise CimlError(f"{run.info_path}: missing '{key}' (needed to explain cases)")
-        folds = run.folds()
-        if fold is None:
-            if not folds:
-                raise CimlError(f"{run.path}: no trained fold (no fold_K/checkpoint_last.pt)")
-            fold = folds[0]
-        torch_device = resolve_device(device)
-        model, _ = run.load_model(fold, checkpoint, map_location=torch_device)
-        if model.config["spatial_dims"] != 3:
-            raise CimlError(f"{run.info_path}: a {model.config['spatial_dims']}D model; cases need a 3D run")
-        plan = PreprocessingPlan.from_dict(info["preprocessing"], source=f"{run.info_path}: preprocessing")
-        return cls(model, run.spec(), plan, info["patch_size"], torch_device)
+        folds = [fold] if fold is not None else run.folds()[:1]
+        trained = load_trained_run(run, folds=folds, checkpoint=checkpoint, device=device)
+        return cls(trained.network, trained.spec, trained.plan, trained.patch_size, trained.device)
 
     def explain(self, case: Case, **options: Any) -> CaseExplanation:
         """Preprocess ``case`` (its label is not read) and explain it; see :meth:`explain_preprocessed`."""
@@ -317,7 +301,7 @@ class Explainer:
             max_voxels: budget for ``auto``, counted after padding (default :func:`default_max_voxels`).
         """
         if extent not in EXTENTS:
-            raise CimlError(f"--extent must be one of {', '.join(EXTENTS)}, got {extent!r}")
+            raise ParameterError("extent", f"must be one of {', '.join(EXTENTS)}, got {extent!r}")
         started = time.perf_counter()
         shape = tuple(pre.image.shape[1:])
         image = torch.from_numpy(np.array(pre.image, dtype=np.float32))[None]
@@ -332,7 +316,7 @@ class Explainer:
         size = tuple(e - s for s, e in zip(*window, strict=True))
         inside = tuple(slice(0, n) for n in size)  # the window without its padding
         crop = tuple(slice(s, e) for s, e in zip(*window, strict=True))
-        x = _pad_to(image[(slice(None), slice(None), *crop)], size_divisor(self.model)).to(self.device)
+        x = _pad_to(image[(slice(None), slice(None), *crop)], self.model.size_divisor).to(self.device)
         gradcam = explain_contributions(self.model, x, level=level, cam=cam, return_maps=True)
         maps = {
             k: v[0, 0].cpu().numpy()[inside] for k, v in information_maps(gradcam.output, x.shape[2:]).items()
@@ -361,7 +345,7 @@ class Explainer:
         )
 
     def _padded_voxels(self, shape: Sequence[int]) -> int:
-        divisor = size_divisor(self.model)
+        divisor = self.model.size_divisor
         return math.prod(-(-int(n) // divisor) * divisor for n in shape)
 
     def _locating_probabilities(self, image: torch.Tensor, budget: int) -> np.ndarray:
@@ -373,7 +357,7 @@ class Explainer:
         """
         shape = tuple(image.shape[2:])
         if self._padded_voxels(shape) <= LOCATE_FACTOR * budget:
-            x = _pad_to(image, size_divisor(self.model)).to(self.device)
+            x = _pad_to(image, self.model.size_divisor).to(self.device)
             with torch.inference_mode():
                 probabilities = self.model(x).region_probabilities(self.spec.region_names)
             return probabilities[(0, slice(None), *[slice(0, n) for n in shape])].float().cpu().numpy()
@@ -385,7 +369,7 @@ class Explainer:
     @staticmethod
     def _tumour_centre(probabilities: np.ndarray, shape: Sequence[int]) -> tuple[float, ...]:
         """Centre of the bounding box of the predicted tumour (any region), or of the grid if none."""
-        predicted = np.nan_to_num(probabilities) > 0.5
+        predicted = np.nan_to_num(probabilities) > REGION_THRESHOLD
         found = np.argwhere(predicted.any(0))
         if not found.size:
             return tuple(n / 2 for n in shape)
@@ -441,8 +425,7 @@ def write_explanation(
     """
     folder = Path(folder)
     summary_path = folder / SUMMARY_FILE
-    if summary_path.exists() and not overwrite:
-        raise CimlError(f"{summary_path}: already exists (pass --overwrite / overwrite=True to replace it)")
+    refuse_existing([summary_path], overwrite)
     folder.mkdir(parents=True, exist_ok=True)
     meta = explanation.meta
     reference = reference_nifti(meta["sources"].get(meta["reference_modality"]))
@@ -500,7 +483,7 @@ def explain_cases(
     if data is None:
         source = run.read_info().get("data") or {}
         if "path" not in source:
-            raise CimlError(f"{run.info_path}: no 'data.path'; name the cases' dataset with --data")
+            raise ParameterError("data", f"{run.info_path} has no 'data.path'; name the cases' dataset")
         data, layout = source["path"], layout or source.get("layout", "auto")
     cases = {c.case_id: c for c in read_dataset(data, spec, layout or "auto")}
     wanted = list(cases) if case_ids is None else list(dict.fromkeys(case_ids))
@@ -508,9 +491,7 @@ def explain_cases(
     if unknown:
         raise CimlError(f"{data}: no case {', '.join(unknown)} (it has {_listing(cases)})")
     folders = {c: Path(out) / _safe(c) for c in wanted}
-    existing = [str(f / SUMMARY_FILE) for f in folders.values() if (f / SUMMARY_FILE).exists()]
-    if existing and not overwrite:
-        raise CimlError(f"{', '.join(existing)}: already exists (pass --overwrite to replace)")
+    refuse_existing([f / SUMMARY_FILE for f in folders.values()], overwrite)
     explainer = Explainer.from_run(run, fold, checkpoint, device)
     summaries = []
     bar = tqdm(wanted, desc="explain", unit="case", disable=not progress)

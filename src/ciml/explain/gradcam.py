@@ -52,9 +52,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ciml.errors import CimlError
-from ciml.models.ciml import CIMLNet
+from ciml.errors import CimlError, ParameterError
+from ciml.models import SegmentationNetwork
 from ciml.models.output import SegmentationOutput
+from ciml.tasks import REGION_THRESHOLD
 
 GRADCAM = "gradcam"
 HIRESCAM = "hirescam"
@@ -138,18 +139,11 @@ def hires_cam(activation: torch.Tensor, gradient: torch.Tensor | None) -> torch.
 CAMS = {GRADCAM: grad_cam, HIRESCAM: hires_cam}
 
 
-def default_level(model: nn.Module) -> int:
+def default_level(model: SegmentationNetwork) -> int:
     """The shallowest message level (it sees every message), or level 1 for networks without messages."""
-    messages = getattr(model, "message_levels", ())
-    if messages:
-        return min(messages)
+    if model.message_levels:
+        return min(model.message_levels)
     return min(LEVEL_WITHOUT_MESSAGES, len(model.widths) - 1)
-
-
-def is_ensemble(model: nn.Module) -> bool:
-    """An ensemble: several segmentors owning the same regions, with no messages between them."""
-    owned = [set(model.owned[m]) for m in model.decoders]
-    return not model.message_levels and len(owned) > 1 and all(o == owned[0] for o in owned)
 
 
 @contextlib.contextmanager
@@ -173,17 +167,19 @@ def _mask_and_score(logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Ten
     return explained, logits[explained].sum()
 
 
-def _targets(model: CIMLNet, output) -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
+def _targets(model: SegmentationNetwork, output) -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
     """(segmentor, region, logits [1, *spatial], predicted mask) to explain.
 
     Per segmentor and owned region; for ensembles per region, the members' mean logits inside the
-    ensemble's mask (mean probability > 0.5).
+    ensemble's mask (mean probability above :data:`~ciml.tasks.REGION_THRESHOLD`).
     """
-    if is_ensemble(model):
+    if model.is_ensemble:
         stacked = torch.stack(list(output.logits.values()))
         regions = next(iter(output.owned.values()))
         mean, probability = stacked.mean(0), torch.sigmoid(stacked.detach()).mean(0)
-        return [(ENSEMBLE, r, mean[:, c], probability[:, c] > 0.5) for c, r in enumerate(regions)]
+        return [
+            (ENSEMBLE, r, mean[:, c], probability[:, c] > REGION_THRESHOLD) for c, r in enumerate(regions)
+        ]
     return [
         (m, r, logits[:, c], logits[:, c].detach() > 0)
         for m, logits in output.logits.items()
@@ -232,7 +228,7 @@ def _contribution(
 
 
 def gradcam_contributions(
-    model: CIMLNet,
+    model: SegmentationNetwork,
     x: torch.Tensor,
     level: int | None = None,
     present: Iterable[str] | None = None,
@@ -250,10 +246,10 @@ def gradcam_contributions(
         return_maps: keep the gates' attention and KL maps in ``result.output`` (same forward pass).
     """
     if cam not in CAMS:
-        raise CimlError(f"--cam must be one of {', '.join(CAMS)}, got {cam!r}")
+        raise ParameterError("cam", f"must be one of {', '.join(CAMS)}, got {cam!r}")
     level = default_level(model) if level is None else int(level)
     if not 0 <= level < len(model.widths):
-        raise CimlError(f"--level {level}: the network has levels 0..{len(model.widths) - 1}")
+        raise ParameterError("level", f"{level}: the network has levels 0..{len(model.widths) - 1}")
     x = _check_input(x)
     names = [m for m in model.modalities if present is None or m in set(present)]
     stages = {m: model.encoders[m].stages[level] for m in names}
@@ -270,14 +266,14 @@ def gradcam_contributions(
     return GradCamResult(cam, level, contributions, _ciml_notes(model, level, cam), _detached(output))
 
 
-def _ciml_notes(model: CIMLNet, level: int, cam: str) -> list[str]:
+def _ciml_notes(model: SegmentationNetwork, level: int, cam: str) -> list[str]:
     name = {GRADCAM: "Grad-CAM", HIRESCAM: "HiResCAM"}[cam]
     notes = [
         f"{name} on each modality's encoder features at level {level} (1/{2**level} resolution) of the "
         "sum of the region's logits inside the segmentor's predicted mask; shares are each map's mass "
         "inside that mask."
     ]
-    if is_ensemble(model):
+    if model.is_ensemble:
         notes.append(
             "Ensemble: every member sees only its own modality and there are no messages, so each region "
             "is explained for the members' averaged logits inside the ensemble's mask, with Grad-CAM on "
@@ -339,7 +335,7 @@ def explain_contributions(
         cam: ``gradcam`` or ``hirescam`` (CIML networks only).
         return_maps: keep the gates' maps in ``result.output`` (CIML networks).
     """
-    if isinstance(model, CIMLNet):
+    if model.private_encoders:
         return gradcam_contributions(model, x, level, present, cam, return_maps)
     if present is not None and set(present) != set(model.modalities):
         raise CimlError("a network on stacked modalities can only be explained with every modality present")

@@ -3,6 +3,7 @@
 from ciml.inference.predict import (
     CaseResult,
     InferenceSettings,
+    PredictionCallbacks,
     Predictor,
     output_paths,
     predict_case,
@@ -15,6 +16,7 @@ from ciml.inference.predict import (
 __all__ = [
     "CaseResult",
     "InferenceSettings",
+    "PredictionCallbacks",
     "Predictor",
     "output_paths",
     "predict_case",

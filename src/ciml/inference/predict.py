@@ -3,8 +3,8 @@
 For each case: the run's own preprocessing (the plan in ``run.json``), sliding-window inference with
 Gaussian weighting and optional mirroring TTA (:mod:`ciml.inferers.sliding`), the mean of the region
 probabilities over the run's folds, the inversion back onto the input's own grid, and a label map in the
-dataset's label values (regions with probability > 0.5, painted in the spec's assembly order), written
-with the input's affine and header (:mod:`ciml.inference.writing`).
+dataset's label values (regions with probability above ``REGION_THRESHOLD``, painted in the spec's
+assembly order), written with the input's affine and header (:mod:`ciml.inference.writing`).
 
 **Missing modalities.** A CIML run predicts from any non-empty subset of its modalities: the missing
 modalities' segmentors are skipped and their messages sit at the gates' "no information" state
@@ -23,10 +23,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +38,7 @@ from ciml.data.io import strip_image_suffix
 from ciml.data.layouts import read_dataset
 from ciml.data.preprocessing import PreprocessingPlan, invert_to_original, preprocess_case
 from ciml.devices import resolve_device
-from ciml.errors import CimlError
+from ciml.errors import CimlError, ParameterError
 from ciml.inference.writing import (
     LABEL_SUFFIX,
     PROBABILITIES_SUFFIX,
@@ -50,16 +48,9 @@ from ciml.inference.writing import (
 )
 from ciml.inferers import DEFAULT_STEP, check_step, sliding_window_probabilities
 from ciml.locks import folder_lock
-from ciml.models import CIMLNet, size_divisor
-from ciml.runs import CHECKPOINTS, RunFolder
-from ciml.tasks import TaskSpec
-
-DEVICES = ("auto", "cpu", "cuda")
-THRESHOLD = 0.5
-#: Test hooks (interruption tests): SIGKILL the process after N finished cases, or between the
-#: probabilities and the label map of case N (counting from 1).
-KILL_AFTER_CASES_VARIABLE = "CIML_TEST_KILL_AFTER_CASES"
-KILL_BEFORE_LABEL_VARIABLE = "CIML_TEST_KILL_BEFORE_LABEL_OF_CASE"
+from ciml.models import SegmentationNetwork
+from ciml.runs import RunFolder, load_trained_run
+from ciml.tasks import REGION_THRESHOLD, TaskSpec
 
 
 @dataclass(frozen=True)
@@ -87,6 +78,19 @@ class InferenceSettings:
 
 
 @dataclass(frozen=True)
+class PredictionCallbacks:
+    """Points where a caller may act while cases are predicted (interruption tests kill the process there).
+
+    Attributes:
+        before_label: called with the case id after its probabilities are written, before its label map.
+        after_case: called with each case's result once its files are complete.
+    """
+
+    before_label: Callable[[str], None] | None = None
+    after_case: Callable[[CaseResult], None] | None = None
+
+
+@dataclass(frozen=True)
 class CaseResult:
     """What predicting one case did.
 
@@ -101,19 +105,6 @@ class CaseResult:
     outputs: tuple[Path, ...]
     seconds: float
     skipped: bool = False
-
-
-def _patch_size(info: Mapping, run: RunFolder, divisor: int) -> tuple[int, int, int]:
-    value = info.get("patch_size")
-    try:
-        patch = tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        patch = ()
-    if len(patch) != 3 or any(p <= 0 or p % divisor for p in patch):
-        raise CimlError(
-            f"{run.info_path}: 'patch_size' must be 3 positive integers divisible by {divisor}, got {value!r}"
-        )
-    return patch  # type: ignore[return-value]
 
 
 class Predictor:
@@ -149,31 +140,11 @@ class Predictor:
             CimlError: not a run folder, no trained fold, a missing or mismatched checkpoint, a run.json
                 without a preprocessing plan or a valid patch size, or a 2D run.
         """
-        run = run if isinstance(run, RunFolder) else RunFolder(run)
         settings = settings or InferenceSettings()
-        info = run.read_info()
-        spec = run.spec()
-        if "preprocessing" not in info:
-            raise CimlError(f"{run.info_path}: missing 'preprocessing' (the plan inference must repeat)")
-        plan = PreprocessingPlan.from_dict(info["preprocessing"], source=f"{run.info_path}: preprocessing")
-        if settings.checkpoint not in CHECKPOINTS:
-            raise CimlError(
-                f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, got {settings.checkpoint!r}"
-            )
-        folds = list(dict.fromkeys(settings.folds)) if settings.folds else run.folds()
-        if not folds:
-            raise CimlError(f"{run.path}: no trained fold (no fold_K/checkpoint_last.pt)")
-        device = resolve_device(settings.device)
-        models = [run.load_model(fold, settings.checkpoint, map_location=device)[0] for fold in folds]
-        if models[0].config["spatial_dims"] != 3:
-            raise CimlError(
-                f"{run.info_path}: a {models[0].config['spatial_dims']}D model; "
-                "prediction on volumes needs a 3D run"
-            )
-        if settings.patch_size is not None:
-            info = {**info, "patch_size": list(settings.patch_size)}
-        patch = _patch_size(info, run, size_divisor(models[0]))
-        return cls(spec, plan, models, patch, settings)
+        trained = load_trained_run(
+            run, settings.folds, settings.checkpoint, settings.device, settings.patch_size
+        )
+        return cls(trained.spec, trained.plan, trained.models, trained.patch_size, settings)
 
     # ------------------------------------------------------------------------------- modality subsets
 
@@ -185,12 +156,17 @@ class Predictor:
         given = [str(m) for m in modalities]
         unknown = sorted(set(given) - set(names))
         if unknown:
-            raise CimlError(
-                f"--modalities: unknown {', '.join(unknown)}; task {self.spec.name} has {', '.join(names)}"
+            raise ParameterError(
+                "modalities", f"unknown {', '.join(unknown)}; task {self.spec.name} has {', '.join(names)}"
             )
         if not given:
-            raise CimlError(f"--modalities: name at least one of {', '.join(names)}")
+            raise ParameterError("modalities", f"name at least one of {', '.join(names)}")
         return tuple(m for m in names if m in given)
+
+    @property
+    def network(self) -> SegmentationNetwork:
+        """The run's architecture (every fold has the same)."""
+        return self.models[0]
 
     def region_owners(self) -> dict[str, tuple[str, ...]]:
         """Region -> modalities whose segmentors predict it in this run's network.
@@ -198,48 +174,33 @@ class Predictor:
         The network's own decomposition counts (an ensemble run's segmentors own every region); networks
         on stacked modalities need all of them together.
         """
-        model = self.models[0]
-        if isinstance(model, CIMLNet):
-            return {
-                r: tuple(m for m in model.modalities if r in model.owned[m]) for r in self.spec.region_names
-            }
-        return {r: self.spec.modality_names for r in self.spec.region_names}
+        inputs = self.network.primary_inputs
+        return {
+            r: tuple(dict.fromkeys(m for s in self.network.owners[r] for m in inputs[s]))
+            for r in self.spec.region_names
+        }
 
     def fallback_owners(self) -> dict[str, tuple[str, ...]]:
         """Region -> modalities whose segmentors have a fallback channel for it in this run's network."""
-        model = self.models[0]
-        if not isinstance(model, CIMLNet):
-            return {}
+        inputs = self.network.primary_inputs
         return {
-            r: stand_ins
-            for r in self.spec.region_names
-            if (stand_ins := tuple(m for m in model.modalities if r in model.fallback[m]))
+            r: tuple(dict.fromkeys(m for s in stand_ins for m in inputs[s]))
+            for r, stand_ins in self.network.fallback_owners.items()
         }
 
     def unpredictable_regions(self, present: Iterable[str]) -> dict[str, tuple[str, ...]]:
         """Region -> its owners, for each region none of whose owners or fallback owners is present."""
-        present = set(present)
-        fallback = self.fallback_owners()
-        return {
-            r: owners
-            for r, owners in self.region_owners().items()
-            if not present & (set(owners) | set(fallback.get(r, ())))
-        }
+        unpredictable = self.network.unpredictable_regions(present)
+        owners = self.region_owners()
+        return {r: owners[r] for r in self.spec.region_names if r in unpredictable}
 
     def missing_modality_error(self, present: Sequence[str]) -> CimlError | None:
         """Why this run's network cannot run on ``present`` at all (None when it can)."""
-        if set(present) == set(self.spec.modality_names) or isinstance(self.models[0], CIMLNet):
-            return None
-        model = self.models[0]
-        probe = torch.zeros((1, len(self.spec.modality_names), 1, 1, 1), device=self.device)
-        try:  # stacked-modality networks check ``present`` before touching the input: their own message
-            with torch.inference_mode():
-                model(probe, present=tuple(present))
+        try:
+            self.network.check_present(present)
         except CimlError as exc:
             return exc
-        except Exception:  # the probe input is not meant to be computable
-            pass
-        return CimlError(f"the {model.config['name']} model cannot run with missing modalities")
+        return None
 
     def check(self, present: Sequence[str]) -> None:
         """Raise unless ``present`` gives a full label map (network runs on it, every region predictable)."""
@@ -257,10 +218,11 @@ class Predictor:
             + ": all missing)"
             for r, o in unpredictable.items()
         )
-        raise CimlError(
+        raise ParameterError(
+            "modalities",
             f"without {', '.join(missing)} these regions are not predictable: {details}. ciml does not "
-            "invent masks; give --modalities that include an owner (or fallback owner) of every region, or "
-            "run `ciml robustness` to score the regions that are predictable."
+            "invent masks; choose modalities that include an owner (or fallback owner) of every region, or "
+            "run a robustness sweep to score the regions that are predictable.",
         )
 
     # ------------------------------------------------------------------------------------ prediction
@@ -283,6 +245,10 @@ class Predictor:
                 raise error
         else:
             self.check(present)
+        return self.checked_probabilities(image, present)
+
+    def checked_probabilities(self, image: np.ndarray, present: Sequence[str]) -> np.ndarray:
+        """:meth:`probabilities` for ``present`` already validated (spec order) and checked."""
         unpredictable = self.unpredictable_regions(present)
         regions = [r for r in self.spec.region_names if r not in unpredictable]
         out = np.full((len(self.spec.region_names), *image.shape[1:]), np.nan, dtype=np.float32)
@@ -329,9 +295,10 @@ def _restricted(case: Case, present: Sequence[str]) -> Case:
     """The case with only the present modalities' files and no label (prediction reads nothing else)."""
     lacking = [m for m in present if m not in case.images]
     if lacking:
-        raise CimlError(
-            f"case {case.case_id}: no file for modality {', '.join(lacking)} "
-            f"(has {', '.join(case.images) or 'none'}); leave it out with --modalities"
+        raise ParameterError(
+            "modalities",
+            f"case {case.case_id} has no file for {', '.join(lacking)} "
+            f"(has {', '.join(case.images) or 'none'}); leave it out of the modalities",
         )
     return dataclasses.replace(case, images={m: case.images[m] for m in present}, label=None)
 
@@ -344,6 +311,7 @@ def predict_case(
     modalities: Iterable[str] | None = None,
     save_probabilities: bool = False,
     overwrite: bool = False,
+    callbacks: PredictionCallbacks | None = None,
 ) -> CaseResult:
     """Predict one case and write ``<case_id>.nii.gz`` (and its probabilities) into ``output_dir``.
 
@@ -354,10 +322,23 @@ def predict_case(
         CimlError: unreadable inputs, a modality subset the run cannot predict every region from, or a
             case id that cannot name a file.
     """
-    start = time.perf_counter()
-    spec = predictor.spec
     present = predictor.present_modalities(modalities)
     predictor.check(present)
+    return _predict_checked(predictor, case, output_dir, present, save_probabilities, overwrite, callbacks)
+
+
+def _predict_checked(
+    predictor: Predictor,
+    case: Case,
+    output_dir: str | Path,
+    present: Sequence[str],
+    save_probabilities: bool,
+    overwrite: bool,
+    callbacks: PredictionCallbacks | None,
+) -> CaseResult:
+    """:func:`predict_case` for a modality subset already checked against the run."""
+    start = time.perf_counter()
+    spec = predictor.spec
     label_path, probabilities_path = output_paths(output_dir, case.case_id)
     wanted = [label_path] + ([probabilities_path] if save_probabilities else [])
     todo = [p for p in wanted if overwrite or not p.exists()]
@@ -366,15 +347,20 @@ def predict_case(
     pre = preprocess_case(
         _restricted(case, present), spec, predictor.plan, allow_missing=len(present) < len(spec.modalities)
     )
-    probabilities = invert_to_original(predictor.probabilities(pre.image, present), pre.meta, mode="linear")
+    probabilities = invert_to_original(
+        predictor.checked_probabilities(pre.image, present), pre.meta, mode="linear"
+    )
     reference = reference_nifti(case.images[pre.meta["reference_modality"]])
     affine = np.asarray(pre.meta["original_affine"], dtype=np.float64)
     del pre
     if probabilities_path in todo:
         write_probabilities(probabilities, probabilities_path, affine, reference)
-    _test_kill(KILL_BEFORE_LABEL_VARIABLE)
+    if callbacks and callbacks.before_label:
+        callbacks.before_label(case.case_id)
     if label_path in todo:
-        write_label_map(spec.regions_to_labels(probabilities > THRESHOLD), label_path, affine, reference)
+        write_label_map(
+            spec.regions_to_labels(probabilities > REGION_THRESHOLD), label_path, affine, reference
+        )
     return CaseResult(case.case_id, tuple(wanted), time.perf_counter() - start)
 
 
@@ -387,6 +373,7 @@ def predict_cases(
     save_probabilities: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    callbacks: PredictionCallbacks | None = None,
 ) -> list[CaseResult]:
     """Predict every case into ``output_dir`` (created if needed), printing each case's time."""
     output_dir = Path(output_dir)
@@ -397,19 +384,9 @@ def predict_cases(
     for case in cases:
         output_paths(output_dir, case.case_id)
     with folder_lock(output_dir):
-        return _predict_locked(predictor, cases, output_dir, present, save_probabilities, overwrite, progress)
-
-
-def _test_kill(variable: str) -> None:
-    """SIGKILL this process when ``variable`` counts down to zero (interruption tests only)."""
-    if variable not in os.environ:
-        return
-    _KILL_COUNTS[variable] = _KILL_COUNTS.get(variable, int(os.environ[variable])) - 1
-    if _KILL_COUNTS[variable] <= 0:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-_KILL_COUNTS: dict[str, int] = {}
+        return _predict_locked(
+            predictor, cases, output_dir, present, save_probabilities, overwrite, progress, callbacks
+        )
 
 
 def _predict_locked(
@@ -420,22 +397,18 @@ def _predict_locked(
     save_probabilities: bool,
     overwrite: bool,
     progress: bool,
+    callbacks: PredictionCallbacks | None,
 ) -> list[CaseResult]:
     """The loop of :func:`predict_cases`, run while holding the output folder's lock."""
     results = []
     bar = tqdm(cases, desc="predict", unit="case", disable=not progress)
     for case in bar:
-        result = predict_case(
-            predictor,
-            case,
-            output_dir,
-            modalities=present,
-            save_probabilities=save_probabilities,
-            overwrite=overwrite,
+        result = _predict_checked(
+            predictor, case, output_dir, present, save_probabilities, overwrite, callbacks
         )
         results.append(result)
-        if not result.skipped:
-            _test_kill(KILL_AFTER_CASES_VARIABLE)
+        if callbacks and callbacks.after_case and not result.skipped:
+            callbacks.after_case(result)
         if progress:
             done = (
                 "skipped (outputs exist; --overwrite replaces them)"
@@ -457,6 +430,7 @@ def predict_folder(
     save_probabilities: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    callbacks: PredictionCallbacks | None = None,
 ) -> list[CaseResult]:
     """Predict every case of a dataset folder (or CSV list) in any supported layout.
 
@@ -470,10 +444,10 @@ def predict_folder(
         save_probabilities: also write float32 region probabilities ``[X, Y, Z, R]``.
         overwrite: replace existing outputs (default: keep them and skip finished cases).
         progress: progress bar and per-case times.
+        callbacks: see :class:`PredictionCallbacks`.
     """
-    run = run if isinstance(run, RunFolder) else RunFolder(run)
-    cases = read_dataset(input_path, run.spec(), layout)
     predictor = Predictor.from_run(run, settings)
+    cases = read_dataset(input_path, predictor.spec, layout)
     return predict_cases(
         predictor,
         cases,
@@ -482,6 +456,7 @@ def predict_folder(
         save_probabilities=save_probabilities,
         overwrite=overwrite,
         progress=progress,
+        callbacks=callbacks,
     )
 
 
@@ -507,9 +482,10 @@ def predict_files(
     spec = run.spec()
     unknown = sorted(set(files) - set(spec.modality_names))
     if unknown or not files:
-        raise CimlError(
-            f"--files: unknown modality {', '.join(unknown) or '(none given)'}; "
-            f"task {spec.name} has {', '.join(spec.modality_names)}"
+        raise ParameterError(
+            "files",
+            f"unknown modality {', '.join(unknown) or '(none given)'}; "
+            f"task {spec.name} has {', '.join(spec.modality_names)}",
         )
     images = {m: Path(files[m]) for m in spec.modality_names if m in files}
     case = Case(case_id or strip_image_suffix(next(iter(images.values()))), images)

@@ -21,7 +21,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from ciml.errors import CimlError
+from ciml.errors import ParameterError
 
 #: nnU-Net's Gaussian: sigma is 1/8 of the patch size along each axis.
 SIGMA_SCALE = 0.125
@@ -60,7 +60,7 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
 def check_step(step: float) -> float:
     """The tile step as a fraction of the patch; must lie in (0, 1] (overlap = 1 - step)."""
     if not 0.0 < float(step) <= 1.0:
-        raise CimlError(f"--step must be in (0, 1] (a fraction of the patch size), got {step}")
+        raise ParameterError("step", f"must be in (0, 1] (a fraction of the patch size), got {step}")
     return float(step)
 
 

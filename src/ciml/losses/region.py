@@ -46,6 +46,11 @@ class LossTerms:
         return {k: float(v.detach()) for k, v in out.items()}
 
 
+#: Weight of the KL (bottleneck) term unless a run asks for another; chosen on ShapeComposition
+#: by ``benchmarks/beta_sweep.py``.
+DEFAULT_BETA = 1e-3
+
+
 class CIMLLoss(torch.nn.Module):
     """Region loss for any network's :class:`SegmentationOutput`.
 
@@ -54,7 +59,7 @@ class CIMLLoss(torch.nn.Module):
         beta: weight of the KL (bottleneck) term.
     """
 
-    def __init__(self, region_names: Sequence[str], beta: float = 0.0) -> None:
+    def __init__(self, region_names: Sequence[str], beta: float = DEFAULT_BETA) -> None:
         super().__init__()
         self.index = {r: i for i, r in enumerate(region_names)}
         self.beta = float(beta)

@@ -3,14 +3,17 @@
 from ciml.models.backbone import UNet
 from ciml.models.ciml import CIMLNet, gate_key
 from ciml.models.gate import GateOutput, InformationGate, gaussian_bottleneck_kl
+from ciml.models.interface import MissingModalities, SegmentationNetwork
 from ciml.models.output import SegmentationOutput
-from ciml.models.registry import MODELS, build_model, model_from_config, model_names, size_divisor
+from ciml.models.registry import MODELS, build_model, model_from_config, model_names
 
 __all__ = [
     "MODELS",
     "CIMLNet",
     "GateOutput",
     "InformationGate",
+    "MissingModalities",
+    "SegmentationNetwork",
     "SegmentationOutput",
     "UNet",
     "build_model",
@@ -18,5 +21,4 @@ __all__ = [
     "gaussian_bottleneck_kl",
     "model_from_config",
     "model_names",
-    "size_divisor",
 ]

@@ -14,30 +14,44 @@ from torch import nn
 
 from ciml.errors import CimlError
 from ciml.models.backbone import UNet
+from ciml.models.interface import SegmentationNetwork
 from ciml.models.output import SegmentationOutput
 
 
-class StackedModalityNet(nn.Module):
+class StackedModalityNet(SegmentationNetwork):
     """Wraps a network mapping [B, M, *spatial] -> [B, R, *spatial] into the common output."""
 
     segmentor_name = "joint"
 
-    def __init__(self, network: nn.Module, modalities: Sequence[str], regions: Sequence[str]) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        network: nn.Module,
+        modalities: Sequence[str],
+        regions: Sequence[str],
+        size_divisor: int,
+        **interface: object,
+    ) -> None:
+        super().__init__(modalities, **interface)
         self.network = network
-        self.modalities = tuple(modalities)
         self.regions = tuple(regions)
+        self._size_divisor = size_divisor
+
+    @property
+    def owners(self) -> dict[str, tuple[str, ...]]:
+        return {r: (self.segmentor_name,) for r in self.regions}
+
+    @property
+    def primary_inputs(self) -> dict[str, tuple[str, ...]]:
+        return {self.segmentor_name: self.modalities}
+
+    @property
+    def size_divisor(self) -> int:
+        return self._size_divisor
 
     def forward(
         self, x: torch.Tensor, present: Iterable[str] | None = None, **_: object
     ) -> SegmentationOutput:
-        if present is not None and set(present) != set(self.modalities):
-            missing = sorted(set(self.modalities) - set(present))
-            raise CimlError(
-                f"the {self.segmentor_name} model needs every modality and cannot run without "
-                f"{', '.join(missing)}; "
-                "use a CIML model for missing-modality inference"
-            )
+        self.check_present(present)
         if x.shape[1] != len(self.modalities):
             raise CimlError(f"input has {x.shape[1]} channels but the model expects {len(self.modalities)}")
         logits = self.network(x)
@@ -52,9 +66,15 @@ class JointUNet(StackedModalityNet):
     """One U-Net on all modalities stacked as channels, all regions."""
 
     def __init__(
-        self, modalities: Sequence[str], regions: Sequence[str], widths: Sequence[int], spatial_dims: int
+        self,
+        modalities: Sequence[str],
+        regions: Sequence[str],
+        widths: Sequence[int],
+        spatial_dims: int,
+        **interface: object,
     ):
-        super().__init__(UNet(len(modalities), len(regions), widths, spatial_dims), modalities, regions)
+        network = UNet(len(modalities), len(regions), widths, spatial_dims)
+        super().__init__(network, modalities, regions, 2 ** (len(widths) - 1), **interface)
 
 
 class SegResNetPeer(StackedModalityNet):
@@ -63,7 +83,12 @@ class SegResNetPeer(StackedModalityNet):
     segmentor_name = "segresnet"
 
     def __init__(
-        self, modalities: Sequence[str], regions: Sequence[str], widths: Sequence[int], spatial_dims: int
+        self,
+        modalities: Sequence[str],
+        regions: Sequence[str],
+        widths: Sequence[int],
+        spatial_dims: int,
+        **interface: object,
     ):
         levels = len(widths)
         network = SegResNet(
@@ -75,4 +100,4 @@ class SegResNetPeer(StackedModalityNet):
             blocks_up=(1,) * (levels - 1),
             norm=("GROUP", {"num_groups": min(8, widths[0])}),
         )
-        super().__init__(network, modalities, regions)
+        super().__init__(network, modalities, regions, 2 ** (levels - 1), **interface)

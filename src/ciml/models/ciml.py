@@ -25,6 +25,7 @@ from ciml.errors import CimlError
 from ciml.models.backbone import UNetDecoder, UNetEncoder
 from ciml.models.gate import InformationGate, grouped_gates
 from ciml.models.grouped import grouped_decoder, grouped_encoder
+from ciml.models.interface import MissingModalities, SegmentationNetwork
 from ciml.models.output import SegmentationOutput
 
 
@@ -33,7 +34,7 @@ def gate_key(level: int, receiver: str, sender: str) -> str:
     return f"{level}/{receiver}<-{sender}"
 
 
-class CIMLNet(nn.Module):
+class CIMLNet(SegmentationNetwork):
     """Per-modality segmentors with cross-modality information gates.
 
     Args:
@@ -48,6 +49,7 @@ class CIMLNet(nn.Module):
             segmentors, :mod:`ciml.models.grouped`) instead of one after another. Same parameters, same
             outputs up to float rounding; ``False`` is the reference form (and what hooks on the
             per-segmentor modules, e.g. Grad-CAM's, need: see :meth:`per_segmentor`).
+        config, fixed_beta: see :class:`~ciml.models.interface.SegmentationNetwork`.
 
     Example:
         >>> net = CIMLNet(["flair", "t1"], {"flair": ["WT"], "t1": ["TC"]}, widths=(4, 8), spatial_dims=2)
@@ -65,10 +67,11 @@ class CIMLNet(nn.Module):
         message_levels: Iterable[int] | None = None,
         fallback: Mapping[str, Sequence[str]] | None = None,
         grouped: bool = True,
+        config: Mapping[str, object] | None = None,
+        fixed_beta: float | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(modalities, config, fixed_beta)
         self.grouped = grouped
-        self.modalities = tuple(modalities)
         self.owned = {m: tuple(decomposition.get(m, ())) for m in self.modalities}
         fallback = fallback or {}
         unknown = sorted(set(fallback) - set(self.modalities))
@@ -80,7 +83,7 @@ class CIMLNet(nn.Module):
         }
         self.widths = tuple(widths)
         levels = range(len(self.widths)) if message_levels is None else message_levels
-        self.message_levels = tuple(sorted(set(levels)))
+        self._message_levels = tuple(sorted(set(levels)))
         if any(not 0 <= level < len(self.widths) for level in self.message_levels):
             raise ValueError(f"message levels {self.message_levels} outside 0..{len(self.widths) - 1}")
         self.encoders = nn.ModuleDict({m: UNetEncoder(1, self.widths, spatial_dims) for m in self.modalities})
@@ -100,6 +103,30 @@ class CIMLNet(nn.Module):
                 if sender != receiver
             }
         )
+
+    missing_modalities = MissingModalities.SKIP_SEGMENTOR
+
+    @property
+    def owners(self) -> dict[str, tuple[str, ...]]:
+        regions = dict.fromkeys(r for m in self.modalities for r in self.owned[m])
+        return {r: tuple(m for m in self.modalities if r in self.owned[m]) for r in regions}
+
+    @property
+    def fallback_owners(self) -> dict[str, tuple[str, ...]]:
+        regions = dict.fromkeys(r for m in self.modalities for r in self.fallback[m])
+        return {r: tuple(m for m in self.modalities if r in self.fallback[m]) for r in regions}
+
+    @property
+    def primary_inputs(self) -> dict[str, tuple[str, ...]]:
+        return {m: (m,) for m in self.decoders}
+
+    @property
+    def message_levels(self) -> tuple[int, ...]:
+        return self._message_levels
+
+    @property
+    def size_divisor(self) -> int:
+        return 2 ** (len(self.widths) - 1)
 
     def forward(
         self,
@@ -267,17 +294,8 @@ class CIMLNet(nn.Module):
                 f"input has {channels} channels but the model expects {len(self.modalities)} "
                 f"({', '.join(self.modalities)})"
             )
-        if present is None:
-            return set(self.modalities)
-        available = set(present)
-        unknown = available - set(self.modalities)
-        if unknown:
-            raise CimlError(
-                f"unknown modalities {sorted(unknown)}; the model has {', '.join(self.modalities)}"
-            )
-        if not available:
-            raise CimlError("at least one modality must be present")
-        return available
+        self.check_present(present)
+        return set(self.modalities) if present is None else set(present)
 
 
 def _channel_groups(features: torch.Tensor, slots: Sequence[int], groups: int) -> torch.Tensor:

@@ -5,6 +5,8 @@ Example:
     >>> model = build_model("ciml", load_task("brats2020"), widths=(4, 8), spatial_dims=3)
     >>> sorted(model.config)
     ['message_levels', 'name', 'spatial_dims', 'task', 'widths']
+    >>> model.owners["TC"]
+    ('t1', 't2', 't1ce')
 """
 
 from __future__ import annotations
@@ -13,11 +15,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
 from ciml.errors import CimlError
 from ciml.models.baselines import JointUNet, SegResNetPeer
 from ciml.models.ciml import CIMLNet
+from ciml.models.interface import SegmentationNetwork
 from ciml.tasks import TaskSpec, load_task
 
 DEFAULT_WIDTHS = (32, 64, 128, 256, 320)
@@ -25,9 +26,9 @@ DEFAULT_WIDTHS = (32, 64, 128, 256, 320)
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """How to build one named model, and whether its loss ignores the bottleneck weight."""
+    """How to build one named model, and the bottleneck weight its loss always uses (None: the requested)."""
 
-    build: Callable[..., nn.Module]
+    build: Callable[..., SegmentationNetwork]
     description: str
     fixed_beta: float | None = None
 
@@ -41,7 +42,9 @@ def _fallback_by_modality(spec: TaskSpec) -> dict[str, tuple[str, ...]]:
     return {m: tuple(regions) for m, regions in out.items()}
 
 
-def _ciml(spec: TaskSpec, widths: Sequence[int], spatial_dims: int, message_levels=None) -> nn.Module:
+def _ciml(
+    spec: TaskSpec, widths: Sequence[int], spatial_dims: int, message_levels=None, **interface: Any
+) -> SegmentationNetwork:
     return CIMLNet(
         spec.modality_names,
         spec.decomposition,
@@ -49,10 +52,13 @@ def _ciml(spec: TaskSpec, widths: Sequence[int], spatial_dims: int, message_leve
         spatial_dims,
         message_levels,
         fallback=_fallback_by_modality(spec),
+        **interface,
     )
 
 
-def _ciml_nomsg(spec: TaskSpec, widths: Sequence[int], spatial_dims: int, message_levels=None) -> nn.Module:
+def _ciml_nomsg(
+    spec: TaskSpec, widths: Sequence[int], spatial_dims: int, message_levels=None, **interface: Any
+) -> SegmentationNetwork:
     return CIMLNet(
         spec.modality_names,
         spec.decomposition,
@@ -60,20 +66,27 @@ def _ciml_nomsg(spec: TaskSpec, widths: Sequence[int], spatial_dims: int, messag
         spatial_dims,
         message_levels=(),
         fallback=_fallback_by_modality(spec),
+        **interface,
     )
 
 
-def _ensemble(spec: TaskSpec, widths: Sequence[int], spatial_dims: int, message_levels=None) -> nn.Module:
+def _ensemble(
+    spec: TaskSpec, widths: Sequence[int], spatial_dims: int, message_levels=None, **interface: Any
+) -> SegmentationNetwork:
     every_region = {m: spec.region_names for m in spec.modality_names}
-    return CIMLNet(spec.modality_names, every_region, widths, spatial_dims, message_levels=())
+    return CIMLNet(spec.modality_names, every_region, widths, spatial_dims, message_levels=(), **interface)
 
 
-def _joint(spec: TaskSpec, widths: Sequence[int], spatial_dims: int, message_levels=None) -> nn.Module:
-    return JointUNet(spec.modality_names, spec.region_names, widths, spatial_dims)
+def _joint(
+    spec: TaskSpec, widths: Sequence[int], spatial_dims: int, message_levels=None, **interface: Any
+) -> SegmentationNetwork:
+    return JointUNet(spec.modality_names, spec.region_names, widths, spatial_dims, **interface)
 
 
-def _segresnet(spec: TaskSpec, widths: Sequence[int], spatial_dims: int, message_levels=None) -> nn.Module:
-    return SegResNetPeer(spec.modality_names, spec.region_names, widths, spatial_dims)
+def _segresnet(
+    spec: TaskSpec, widths: Sequence[int], spatial_dims: int, message_levels=None, **interface: Any
+) -> SegmentationNetwork:
+    return SegResNetPeer(spec.modality_names, spec.region_names, widths, spatial_dims, **interface)
 
 
 MODELS: dict[str, ModelEntry] = {
@@ -98,10 +111,11 @@ def build_model(
     widths: Sequence[int] = DEFAULT_WIDTHS,
     spatial_dims: int = 3,
     message_levels: Sequence[int] | None = None,
-) -> nn.Module:
+) -> SegmentationNetwork:
     """Build a named network for ``task``.
 
-    ``model.config`` holds what rebuilds it (see :func:`model_from_config`).
+    The network declares its facts (:class:`~ciml.models.interface.SegmentationNetwork`); its
+    ``config`` holds what rebuilds it (see :func:`model_from_config`).
 
     Raises:
         CimlError: unknown model name or invalid settings.
@@ -114,25 +128,19 @@ def build_model(
         raise CimlError(f"widths must be positive integers, got {widths}")
     if spatial_dims not in (2, 3):
         raise CimlError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-    model = MODELS[name].build(spec, widths, spatial_dims, message_levels)
-    model.config = {
+    config = {
         "name": name,
         "task": spec.to_dict(),
         "widths": list(widths),
         "spatial_dims": spatial_dims,
         "message_levels": None if message_levels is None else list(message_levels),
     }
-    model.fixed_beta = MODELS[name].fixed_beta
-    return model
+    entry = MODELS[name]
+    return entry.build(spec, widths, spatial_dims, message_levels, config=config, fixed_beta=entry.fixed_beta)
 
 
-def model_from_config(config: dict[str, Any]) -> nn.Module:
+def model_from_config(config: dict[str, Any]) -> SegmentationNetwork:
     """Rebuild a network from ``model.config`` (as stored in checkpoints)."""
     return build_model(
         config["name"], config["task"], config["widths"], config["spatial_dims"], config.get("message_levels")
     )
-
-
-def size_divisor(model: nn.Module) -> int:
-    """Input sizes must be divisible by this (2 ** downsamplings)."""
-    return 2 ** (len(model.config["widths"]) - 1)

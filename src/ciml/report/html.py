@@ -33,7 +33,7 @@ from ciml import __version__
 from ciml.data.cases import Case
 from ciml.data.layouts import read_dataset
 from ciml.data.preprocessing import load_volume
-from ciml.errors import CimlError
+from ciml.errors import CimlError, ParameterError
 from ciml.evaluation.evaluate import (
     CONVENTIONS,
     EvaluationResult,
@@ -43,11 +43,12 @@ from ciml.evaluation.evaluate import (
 )
 from ciml.explain import Explainer
 from ciml.explain.figures import case_overlay_png, tumour_slice
-from ciml.files import write_text_atomic
+from ciml.files import refuse_existing, write_text_atomic
+from ciml.models import model_from_config
 from ciml.report.template import CSS, TEMPLATE
 from ciml.runs import RunFolder
-from ciml.tasks import TaskSpec
 from ciml.runs.log import LOG_FILE, PLOT_FILE, plot_progress, read_log
+from ciml.tasks import TaskSpec
 
 SECTIONS = (
     ("evaluation", "Evaluation"),
@@ -60,7 +61,6 @@ SECTIONS = (
 EXPLANATION_FIGURES = ("gradcam.png", "information.png", "contributions.png")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _RAS = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
-_STACKED = ("joint", "segresnet")
 
 
 @dataclass(frozen=True)
@@ -98,35 +98,32 @@ def _text(value: Any) -> str:
 # -------------------------------------------------------------------------------------- configuration
 
 
-def _owners(spec: TaskSpec, model: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
-    """Segmentor -> regions it predicts in this network (the spec's decomposition for CIML)."""
-    name = model.get("name", "ciml")
-    if name in _STACKED:
-        return {name: spec.region_names}
-    if name == "ensemble":
-        return {m: spec.region_names for m in spec.modality_names}
-    return {m: tuple(r) for m, r in spec.decomposition.items() if r}
+def run_network(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The facts the run's network declares (run.json's ``network``; rebuilt for runs that predate it)."""
+    if "network" in info:
+        return dict(info["network"])
+    return model_from_config(info["model"]).describe()
 
 
-def _message_levels(model: Mapping[str, Any]) -> list[int]:
-    name = model.get("name", "ciml")
-    if name in (*_STACKED, "ensemble", "ciml-nomsg"):
-        return []
-    levels = model.get("message_levels")
-    return list(range(len(model.get("widths", [])))) if levels is None else list(levels)
+def _owners(network: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    """Segmentor -> regions it predicts in this network."""
+    return {
+        segmentor: tuple(r for r, owners in network["owners"].items() if segmentor in owners)
+        for segmentor in network["primary_inputs"]
+    }
 
 
 def config_section(run: RunFolder, info: Mapping[str, Any], spec: TaskSpec) -> dict[str, Any]:
     """Tables of the decomposition, the regions, the run, its preprocessing and training settings."""
     model = info["model"]
-    owners = _owners(spec, model)
-    levels = _message_levels(model)
+    network = run_network(info)
+    owners = _owners(network)
+    levels = list(network["message_levels"])
     decomposition = [["segmentor", "primary input", "regions it owns", "messages from (levels)"]]
     for segmentor, regions in owners.items():
+        inputs = network["primary_inputs"][segmentor]
         primary = (
-            "all modalities, stacked"
-            if segmentor in _STACKED
-            else f"{segmentor} ({spec.modalities[segmentor]})"
+            "all modalities, stacked" if len(inputs) > 1 else f"{inputs[0]} ({spec.modalities[inputs[0]]})"
         )
         senders = [m for m in spec.modality_names if m != segmentor] if levels else []
         messages = f"{', '.join(senders)} (levels {', '.join(map(str, levels))})" if senders else "none"
@@ -162,7 +159,10 @@ def config_section(run: RunFolder, info: Mapping[str, Any], spec: TaskSpec) -> d
         norm = (plan.get("normalization") or {}).get(modality, {})
         params = ", ".join(f"{k} {v:.4g}" for k, v in (norm.get("params") or {}).items()) or "per case"
         preprocessing.append([modality, kind, _text(norm.get("scheme")), params])
-    train = [["setting", "value"]] + [[k, _text(v)] for k, v in (info.get("train") or {}).items()]
+    settings = dict(info.get("train") or {})
+    if settings and network.get("fixed_beta") is not None:  # runs before run.json recorded the loss's beta
+        settings["beta"] = network["fixed_beta"]
+    train = [["setting", "value"]] + [[k, _text(v)] for k, v in settings.items()]
     return {
         "decomposition": decomposition,
         "decomposition_caption": caption,
@@ -309,7 +309,7 @@ def _explanation_case(summary: Mapping[str, Any], figures: Mapping[str, bytes], 
 def explanations_from_folder(folder: Path, modalities: Sequence[str], max_cases: int) -> list[dict[str, Any]]:
     """Cases explained by ``ciml explain`` in ``folder`` (one subfolder per case with explanation.json)."""
     if not folder.is_dir():
-        raise CimlError(f"{folder}: no such folder of explanations (written by `ciml explain --out`)")
+        raise ParameterError("explanations", f"{folder}: no such folder of explanations (from ciml explain)")
     blocks = []
     for summary_path in sorted(folder.glob("*/explanation.json"))[:max_cases]:
         try:
@@ -320,7 +320,9 @@ def explanations_from_folder(folder: Path, modalities: Sequence[str], max_cases:
                    if (summary_path.parent / n).is_file()}  # fmt: skip
         blocks.append(_explanation_case(summary, figures, modalities))
     if not blocks:
-        raise CimlError(f"{folder}: holds no <case>/explanation.json (written by `ciml explain --out`)")
+        raise ParameterError(
+            "explanations", f"{folder}: holds no <case>/explanation.json (from ciml explain)"
+        )
     return blocks
 
 
@@ -400,7 +402,9 @@ def build_report(
     info = run.read_info()
     spec = run.spec()
     if (pred_dir is None) != (ref_dir is None):
-        raise CimlError("--pred and --ref go together: the evaluation needs predictions and references")
+        raise ParameterError(
+            "pred_dir", "needs ref_dir too (and the other way round): an evaluation needs both"
+        )
     pred_dir = None if pred_dir is None else Path(pred_dir)
     ref_dir = None if ref_dir is None else Path(ref_dir)
     result = evaluate_folders(pred_dir, ref_dir, spec, progress=progress) if pred_dir is not None else None
@@ -493,8 +497,7 @@ def write_report(
         CimlError: ``out`` exists (without ``overwrite``), an unreadable run, or unusable inputs.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CimlError(f"{out}: already exists (pass --overwrite / overwrite=True to replace it)")
+    refuse_existing([out], overwrite)
     html = build_report(
         run, pred_dir=pred_dir, ref_dir=ref_dir, explanations=explanations, robustness=robustness,
         explain_cases=explain_cases, max_cases=max_cases, layout=layout, fold=fold, checkpoint=checkpoint,

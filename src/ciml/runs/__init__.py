@@ -2,5 +2,15 @@
 
 from ciml.runs.checkpoint import load_checkpoint, save_checkpoint
 from ciml.runs.folder import CHECKPOINTS, RUN_FILE, SPLITS_FILE, RunFolder
+from ciml.runs.trained import TrainedRun, load_trained_run
 
-__all__ = ["CHECKPOINTS", "RUN_FILE", "SPLITS_FILE", "RunFolder", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CHECKPOINTS",
+    "RUN_FILE",
+    "SPLITS_FILE",
+    "RunFolder",
+    "TrainedRun",
+    "load_checkpoint",
+    "load_trained_run",
+    "save_checkpoint",
+]

@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from ciml.errors import CimlError
 from ciml.files import write_json_atomic
-from ciml.models import model_from_config
+from ciml.models import SegmentationNetwork, model_from_config
 from ciml.runs import load_checkpoint
 from ciml.tasks import TaskSpec
 
@@ -83,9 +82,15 @@ class RunFolder:
         return TaskSpec.from_dict(self.read_info()["task"], source=str(self.info_path))
 
     def load_model(
-        self, fold: int, which: str = "last", map_location: str | torch.device = "cpu"
-    ) -> tuple[nn.Module, dict[str, Any]]:
+        self,
+        fold: int,
+        which: str = "last",
+        map_location: str | torch.device = "cpu",
+        expected: dict[str, Any] | None = None,
+    ) -> tuple[SegmentationNetwork, dict[str, Any]]:
         """The fold's network with its weights, in eval mode, and the checkpoint's state.
+
+        ``expected`` is run.json's model config when the caller has read it already.
 
         Raises:
             CimlError: missing checkpoint, unsafe file, or a checkpoint that does not belong to this run
@@ -96,7 +101,7 @@ class RunFolder:
             available = ", ".join(f"fold_{f}" for f in self.folds()) or "none"
             raise CimlError(f"{path}: checkpoint not found (folds with checkpoints: {available})")
         state = load_checkpoint(path, map_location=map_location)
-        expected = self.read_info()["model"]
+        expected = self.read_info()["model"] if expected is None else expected
         if state["config"] != expected:
             differing = sorted(
                 k for k in set(expected) | set(state["config"]) if expected.get(k) != state["config"].get(k)

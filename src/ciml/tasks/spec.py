@@ -23,6 +23,8 @@ import yaml
 from ciml.errors import CimlError
 
 MODALITY_TYPES = ("mri", "ct", "pet", "synthetic")
+#: A voxel belongs to a region when the region's probability exceeds this (training, prediction, explanation).
+REGION_THRESHOLD = 0.5
 _REQUIRED_KEYS = ("name", "modalities", "regions", "decomposition", "assembly")
 _OPTIONAL_KEYS = ("fallback_owners", "description", "training")
 _TRAINING_KEYS = {"patch_size": int, "batch_size": int, "widths": int, "target_spacing": float}

@@ -9,10 +9,10 @@ and scale over GPUs or nodes with PyTorch DDP launched by ``torchrun``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
-import signal
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,25 +29,28 @@ from ciml.data.layouts import read_dataset
 from ciml.data.preprocessing import PreprocessedCache, PreprocessedCase, PreprocessingPlan, plan_preprocessing
 from ciml.data.sampling import random_mirror, sample_patches
 from ciml.devices import resolve_device
-from ciml.errors import CimlError
+from ciml.errors import CimlError, ParameterError
 from ciml.files import write_json_atomic
 from ciml.inferers import sliding_window_probabilities
 from ciml.locks import folder_lock
 from ciml.metrics import dice
-from ciml.models import CIMLNet, build_model
+from ciml.models import MissingModalities, SegmentationNetwork, build_model
 from ciml.runs import RunFolder
-from ciml.tasks import TaskSpec, load_task
 from ciml.runs.log import RunLogger
-from ciml.training.loop import Batch, TrainConfig, Trainer
+from ciml.tasks import REGION_THRESHOLD, TaskSpec, load_task
+from ciml.training.loop import Batch, StepCallback, TrainConfig, Trainer
 
 CPU_DEFAULTS = {"patch_size": (64, 64, 64), "batch_size": 2, "widths": (16, 32, 64, 128)}
-KILL_AFTER_VARIABLE = "CIML_TEST_KILL_AFTER_ITERATION"
 GPU_DEFAULTS = {"patch_size": (128, 128, 128), "batch_size": 2, "widths": (32, 64, 128, 256, 320)}
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainSettings:
-    """Everything `ciml train` takes. Unset sizes fall back to the task's and then the device's defaults."""
+    """Everything `ciml train` takes, with the one set of defaults (the loop's own come from TrainConfig).
+
+    Unset sizes (None) fall back to the task's and then the device's defaults when the settings are
+    resolved (:func:`resolve_settings`), which returns new settings and never changes these.
+    """
 
     task: str
     data: Path
@@ -63,18 +66,18 @@ class TrainSettings:
     batch_size: int | None = None
     widths: tuple[int, ...] | None = None
     target_spacing: tuple[float, ...] | None = None
-    beta: float = 1e-3
-    lr: float = 1e-3
-    optimizer: str = "adamw"
-    seed: int = 0
-    device: str = "auto"
+    beta: float = TrainConfig.beta
+    lr: float = TrainConfig.lr
+    optimizer: str = TrainConfig.optimizer
+    seed: int = TrainConfig.seed
+    device: str = TrainConfig.device
     layout: str = "auto"
     modality_dropout: float = 0.0
     foreground_fraction: float = 1 / 3
     validate_every: int | None = None
     max_validation_cases: int | None = None
-    amp: bool = True
-    compile: bool = False
+    amp: bool = TrainConfig.amp
+    compile: bool = TrainConfig.compile
     resume: bool = False
     tensorboard: bool = False
     progress: bool = True
@@ -109,7 +112,7 @@ def _load_or_make_splits(
         if _is_main():
             write_json_atomic(run.splits_path, splits)
     if not 0 <= settings.fold < len(splits):
-        raise CimlError(f"--fold {settings.fold} not in {run.splits_path} (folds 0..{len(splits) - 1})")
+        raise ParameterError("fold", f"{settings.fold} not in {run.splits_path} (folds 0..{len(splits) - 1})")
     split = splits[settings.fold]
     known = {c.case_id for c in cases}
     unknown = sorted((set(split["train"]) | set(split["val"])) - known)
@@ -151,11 +154,11 @@ class PatchStream:
         spec: TaskSpec,
         settings: TrainSettings,
         rank: int,
-        present_supported: bool,
+        missing_modalities: MissingModalities,
     ) -> None:
         self.pairs = [(c.image, c.regions(spec)) for c in cases]
         self.spec, self.settings, self.rank = spec, settings, rank
-        self.present_supported = present_supported
+        self.skips_segmentors = missing_modalities is MissingModalities.SKIP_SEGMENTOR
 
     def __call__(self, iteration: int) -> Batch:
         rng = np.random.default_rng([self.settings.seed, iteration, self.rank])
@@ -172,7 +175,7 @@ class PatchStream:
             torch.from_numpy(target.astype(np.float32)),
         )
         present = self._dropout(rng)
-        if present is not None and not self.present_supported:
+        if present is not None and not self.skips_segmentors:
             missing = [i for i, m in enumerate(self.spec.modality_names) if m not in present]
             image_t[:, missing] = 0.0
             present = None
@@ -204,7 +207,7 @@ def validation_dice(
     for case in cases:
         image = torch.from_numpy(np.array(case.image, dtype=np.float32))[None]
         probabilities = sliding_window_probabilities(model, image, regions, patch_size, device=device)
-        predicted = (probabilities[0] > 0.5).cpu().numpy()
+        predicted = (probabilities[0] > REGION_THRESHOLD).cpu().numpy()
         reference = case.regions(spec).astype(bool)
         for i, region in enumerate(regions):
             scores[region].append(dice(predicted[i], reference[i]))
@@ -214,40 +217,53 @@ def validation_dice(
 
 
 # ----------------------------------------------------------------------------------------- train
-def _resolve_sizes(
-    settings: TrainSettings, spec: TaskSpec, device: torch.device, divisor_of
-) -> TrainSettings:
+def resolve_settings(settings: TrainSettings, spec: TaskSpec, device: torch.device) -> TrainSettings:
+    """``settings`` with every unset size and schedule filled in, validated (a new value).
+
+    Raises:
+        CimlError: a patch size the network cannot take, or a modality dropout outside [0, 1).
+    """
     defaults = dict(CPU_DEFAULTS)
     if device.type == "cuda":  # the task's sizes are GPU sizes
         defaults.update(GPU_DEFAULTS)
         defaults.update({k: tuple(v) if isinstance(v, list) else v for k, v in spec.training.items()})
-    for key in ("patch_size", "batch_size", "widths", "target_spacing"):
-        if getattr(settings, key) is None:
-            setattr(settings, key, defaults.get(key))
-    settings.patch_size = tuple(int(p) for p in settings.patch_size)
-    divisor = divisor_of(settings.widths)
-    if len(settings.patch_size) != 3 or any(p % divisor for p in settings.patch_size):
-        raise CimlError(f"--patch {settings.patch_size}: need 3 sizes divisible by {divisor} (2^(levels-1))")
-    if settings.iterations is None:
-        settings.iterations = (settings.epochs or 1000) * settings.iterations_per_epoch
-    if settings.validate_every is None:
-        settings.validate_every = settings.iterations_per_epoch
+    sizes = {
+        key: getattr(settings, key) if getattr(settings, key) is not None else defaults.get(key)
+        for key in ("patch_size", "batch_size", "widths", "target_spacing")
+    }
+    sizes["patch_size"] = tuple(int(p) for p in sizes["patch_size"])
+    divisor = 2 ** (len(sizes["widths"]) - 1)
+    if len(sizes["patch_size"]) != 3 or any(p % divisor for p in sizes["patch_size"]):
+        raise ParameterError(
+            "patch_size", f"{sizes['patch_size']}: need 3 sizes divisible by {divisor} (2^(levels-1))"
+        )
+    iterations = settings.iterations
+    if iterations is None:
+        iterations = (settings.epochs or 1000) * settings.iterations_per_epoch
+    validate_every = (
+        settings.iterations_per_epoch if settings.validate_every is None else settings.validate_every
+    )
     if not 0.0 <= settings.modality_dropout < 1.0:
-        raise CimlError(f"--modality-dropout must be in [0, 1), got {settings.modality_dropout}")
-    return settings
+        raise ParameterError("modality_dropout", f"must be in [0, 1), got {settings.modality_dropout}")
+    return dataclasses.replace(settings, **sizes, iterations=iterations, validate_every=validate_every)
 
 
-def _run_info(settings: TrainSettings, spec: TaskSpec, model, plan: PreprocessingPlan) -> dict[str, Any]:
+def _run_info(
+    settings: TrainSettings, spec: TaskSpec, model: SegmentationNetwork, plan: PreprocessingPlan
+) -> dict[str, Any]:
+    """run.json: what rebuilds the network, what it declares, and the settings the run really used."""
+    effective = dataclasses.replace(settings, beta=model.loss_beta(settings.beta))
     return {
         "ciml_version": __version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "task": spec.to_dict(),
         "model": model.config,
+        "network": model.describe(),
         "preprocessing": plan.to_dict(),
         "patch_size": list(settings.patch_size),
         "data": {"path": str(settings.data), "layout": settings.layout},
         "train": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
-                  for k, v in asdict(settings).items() if k not in ("resume", "progress", "extra")},
+                  for k, v in asdict(effective).items() if k not in ("resume", "progress", "extra")},
     }  # fmt: skip
 
 
@@ -255,22 +271,24 @@ def _check_run_folder(run: RunFolder, settings: TrainSettings) -> None:
     fold_dir = run.fold_dir(settings.fold)
     has_checkpoint = run.checkpoint(settings.fold, "last").is_file()
     if settings.resume and not has_checkpoint:
-        raise CimlError(f"--resume: no checkpoint to resume from in {fold_dir}")
+        raise ParameterError("resume", f"no checkpoint to resume from in {fold_dir}")
     if (
         not settings.resume
         and fold_dir.exists()
         and any(not p.name.startswith(".") for p in fold_dir.iterdir())
     ):
-        raise CimlError(
-            f"{fold_dir} already holds a training run; pass --resume to continue it or choose another --out"
+        raise ParameterError(
+            "resume",
+            f"{fold_dir} already holds a training run; set resume to continue it, or train elsewhere",
         )
 
 
-def train(settings: TrainSettings) -> RunFolder:
+def train(settings: TrainSettings, callbacks: Sequence[StepCallback] = ()) -> RunFolder:
     """Train one fold; returns the run folder. See the module docstring for what it writes.
 
     The fold's folder is locked while training (a second process gets a clear message), taken only
     after the dataset passed its integrity check, so a refused dataset leaves nothing behind.
+    ``callbacks`` run after every step, after the run's own (logging, checkpoints).
     """
     rank, world, device = _init_distributed(settings.device)
     spec = load_task(settings.task)
@@ -282,7 +300,7 @@ def train(settings: TrainSettings) -> RunFolder:
     )
     lock = folder_lock(run.fold_dir(settings.fold)) if rank == 0 else contextlib.nullcontext()
     with lock:
-        return _train_checked(settings, spec, run, cases, rank, world, device)
+        return _train_checked(settings, spec, run, cases, rank, world, device, callbacks)
 
 
 def _train_checked(
@@ -293,8 +311,9 @@ def _train_checked(
     rank: int,
     world: int,
     device: torch.device,
+    callbacks: Sequence[StepCallback],
 ) -> RunFolder:
-    settings = _resolve_sizes(settings, spec, device, lambda widths: 2 ** (len(widths) - 1))
+    settings = resolve_settings(settings, spec, device)
     split = _load_or_make_splits(run, cases, settings)
     by_id = {c.case_id: c for c in cases}
 
@@ -326,7 +345,7 @@ def _train_checked(
         amp=settings.amp,
         compile=settings.compile,
     )
-    stream = PatchStream(train_cases, spec, settings, rank, present_supported=isinstance(model, CIMLNet))
+    stream = PatchStream(train_cases, spec, settings, rank, model.missing_modalities)
 
     def validate(network: torch.nn.Module) -> dict[str, float]:
         tile = settings.validation_patch or settings.patch_size
@@ -339,13 +358,11 @@ def _train_checked(
         trainer.resume(run.checkpoint(settings.fold, "last"))
         logger.truncate_after(trainer.iteration)
     checkpoint_every = max(1, min(settings.validate_every, 50))
-    callbacks = [logger.on_step, _checkpointer(run, settings.fold, checkpoint_every, rank)]
-    if KILL_AFTER_VARIABLE in os.environ:
-        callbacks.append(_kill_after(int(os.environ[KILL_AFTER_VARIABLE])))
+    steps = [logger.on_step, _checkpointer(run, settings.fold, checkpoint_every, rank), *callbacks]
     try:
         trainer.fit(
             progress=settings.progress and rank == 0,
-            callbacks=callbacks,
+            callbacks=steps,
             desc=f"{settings.model} fold {settings.fold}",
         )
         logger.record_rank_checksums(trainer.parameter_checksums())
@@ -370,18 +387,8 @@ def _check_compatible(run: RunFolder, info: dict[str, Any]) -> None:
         if existing.get(key) != info[key]:
             raise CimlError(
                 f"{run.info_path}: this run was made with another {key}; train it with the same settings "
-                "or choose another --out"
+                "or choose another output folder"
             )
-
-
-def _kill_after(iteration: int):
-    """Test hook: SIGKILL this process after ``iteration`` (proves resume survives a real kill)."""
-
-    def on_step(trainer: Trainer, record: dict[str, float]) -> None:
-        if trainer.iteration == iteration:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return on_step
 
 
 def _checkpointer(run: RunFolder, fold: int, every: int, rank: int):

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from ciml.devices import resolve_device
 from ciml.errors import CimlError
-from ciml.losses import CIMLLoss
+from ciml.losses import DEFAULT_BETA, CIMLLoss
+from ciml.models import SegmentationNetwork
 from ciml.runs import load_checkpoint, save_checkpoint
 
 
@@ -37,7 +38,7 @@ class Batch:
     present: tuple[str, ...] | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Settings of one training run (stored in its checkpoints).
 
@@ -55,9 +56,9 @@ class TrainConfig:
 
     iterations: int = 600
     optimizer: str = "adamw"
-    lr: float = 3e-3
+    lr: float = 1e-3
     weight_decay: float = 1e-4
-    beta: float = 1e-3
+    beta: float = DEFAULT_BETA
     seed: int = 0
     grad_clip: float = 12.0
     validate_every: int = 0
@@ -89,7 +90,8 @@ class Trainer:
     """Trains one model on batches from ``batch_at(iteration)``.
 
     Args:
-        model: a network from :func:`ciml.models.build_model` (it carries ``config`` and ``fixed_beta``).
+        model: a network from :func:`ciml.models.build_model` (its ``config`` goes into checkpoints, and
+            :meth:`~ciml.models.SegmentationNetwork.loss_beta` decides the bottleneck weight).
         config: the run's settings; ``config.region_names`` orders the target channels.
         batch_at: returns the training batch of an iteration (deterministic in the iteration number).
         validate: optional callable(model) -> dict of validation metrics (called in eval mode).
@@ -98,7 +100,7 @@ class Trainer:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: SegmentationNetwork,
         config: TrainConfig,
         batch_at: Callable[[int], Batch],
         validate: Callable[[nn.Module], dict[str, float]] | None = None,
@@ -109,8 +111,7 @@ class Trainer:
         self.config = config
         self.batch_at = batch_at
         self.validate = validate
-        fixed_beta = getattr(model, "fixed_beta", None)
-        self.loss = CIMLLoss(config.region_names, config.beta if fixed_beta is None else fixed_beta)
+        self.loss = CIMLLoss(config.region_names, model.loss_beta(config.beta))
         torch.manual_seed(config.seed)
         self.optimizer = _optimizer(model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

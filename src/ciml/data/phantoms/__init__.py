@@ -17,7 +17,7 @@ Example:
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from ciml.errors import CimlError
+from ciml.errors import CimlError, ParameterError
 from ciml.files import atomic_path
 
 __all__ = [
@@ -183,22 +183,8 @@ def check_output_root(out_dir: str | Path) -> Path:
     """The output folder as a Path; an existing non-folder there is an error, not something to replace."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise CimlError(f"{out}: exists and is not a folder; choose another --out")
+        raise ParameterError("out", f"{out}: exists and is not a folder; choose another")
     return out
-
-
-def refuse_existing(targets: Iterable[Path], overwrite: bool) -> None:
-    """Raise before anything is generated if a target file, or a non-empty target folder, exists.
-
-    Checking everything first means a refused run writes nothing at all.
-    """
-    if overwrite:
-        return
-    taken = [t for t in targets if (t.is_dir() and any(t.iterdir())) or (t.exists() and not t.is_dir())]
-    if taken:
-        more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
-        what = "folder is not empty" if taken[0].is_dir() else "file exists"
-        raise CimlError(f"{taken[0]}: {what}{more}; pass overwrite=True (--overwrite) to replace it")
 
 
 def write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:

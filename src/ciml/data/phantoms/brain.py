@@ -36,7 +36,6 @@ from ciml.data.phantoms import (
     case_rng,
     check_output_root,
     random_rotation,
-    refuse_existing,
     resize_linear,
     smooth_noise,
     soft_inside,
@@ -44,6 +43,7 @@ from ciml.data.phantoms import (
     write_nifti,
 )
 from ciml.errors import CimlError
+from ciml.files import refuse_existing
 
 BRATS_SHAPE_1MM = (240, 240, 155)
 MODALITIES = ("flair", "t1", "t1ce", "t2")

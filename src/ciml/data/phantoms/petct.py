@@ -37,13 +37,13 @@ from ciml.data.phantoms import (
     case_rng,
     check_output_root,
     random_rotation,
-    refuse_existing,
     smooth_noise,
     soft_inside,
     to_int16,
     write_nifti,
 )
 from ciml.errors import CimlError
+from ciml.files import refuse_existing
 
 # Tissue -> (HU, HU texture std, SUV range). HU: textbook CT values; SUV: typical FDG ranges (ours).
 TISSUES: dict[str, tuple[float, float, tuple[float, float]]] = {
