@@ -3,8 +3,8 @@
 One case goes through the same steps at training and at inference time (nnU-Net's order, done with
 MONAI transforms):
 
-1. load each modality (NIfTI with MONAI's ``NibabelReader``; NRRD, MHA and DICOM folders with
-   SimpleITK, because MONAI's ``ITKReader`` needs the ``itk`` package, which is not a dependency);
+1. load each modality with :mod:`ciml.data.io` (the reader check-data, evaluation and the writers use:
+   NIfTI with nibabel, NRRD, MHA and DICOM folders with SimpleITK) as a MONAI ``MetaTensor``;
 2. resample every modality onto the grid of the first one when the grids differ (HECKTOR's PET and CT),
    in physical space (``ResampleToMatch``), the label with nearest neighbour;
 3. reorient to RAS (``Orientationd``);
@@ -30,18 +30,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.data.image_reader import NibabelReader
 from monai.transforms import (
-    LoadImage,
     Orientation,
     Orientationd,
     ResampleToMatch,
@@ -53,7 +51,7 @@ from monai.transforms.utils import generate_spatial_bounding_box
 from tqdm import tqdm
 
 from ciml.data.cases import Case
-from ciml.data.io import describe_read_error, max_voxels, read_header
+from ciml.data.io import ImageHeader, ImageReadError, load_image, max_voxels, read_header
 from ciml.errors import CimlError
 from ciml.files import atomic_path, write_text_atomic
 from ciml.tasks.spec import TaskSpec
@@ -62,12 +60,12 @@ PLAN_VERSION = 1
 ORIENTATION = "RAS"
 # Axis labels for MONAI's Orientation (passing them keeps MONAI 1.6 from warning about a changed default).
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Two grids count as one when shapes match and affines agree to within this many millimetres.
 _GRID_ATOL = 1e-3
 _SCHEMES = {"mri": "zscore_nonzero", "ct": "ct_clip_zscore", "pet": "pet_clip_scale", "synthetic": "zscore"}
 _PERCENTILES = (0.5, 50.0, 99.5)
 DEFAULT_CT_BODY_THRESHOLD = -500.0
+_Read = TypeVar("_Read")
 
 
 class PreprocessingError(CimlError):
@@ -340,93 +338,51 @@ def _normalization_for(modality: str, kind: str, stats: dict[str, float] | None)
 # ---------------------------------------------------------------------------------------------- loading
 
 
-_NIFTI_LOADER = LoadImage(
-    reader=NibabelReader(), image_only=True, ensure_channel_first=True, dtype=np.float32
-)
-
-
 def load_volume(path: str | Path) -> MetaTensor:
     """One 3D image as a ``[1, X, Y, Z]`` float32 MetaTensor with its RAS affine.
 
+    The voxels and affine come from :func:`ciml.data.io.load_image`, the reader check-data uses, so
+    training and prediction refuse exactly the files check-data refuses; MONAI's spatial transforms
+    need the affine on the tensor, hence the MetaTensor.
+
     Raises:
-        PreprocessingError: the file is missing, unreadable, not 3D, or holds NaN/inf.
+        PreprocessingError: the reader refuses the file (its message), or the file is not one 3D image
+            or holds NaN/inf.
     """
-    path = Path(path)
-    if not path.exists():
-        raise PreprocessingError(f"{path}: file not found")
-    if path.is_file():
-        read_header(path)  # a corrupt header (absurd size, voxel size) is refused before allocating
-    try:
-        img = _NIFTI_LOADER(str(path)) if path.name.endswith(_NIFTI_SUFFIXES) else _load_sitk(path)
-    except CimlError:
-        raise
-    except Exception as exc:  # readers raise many types; the user needs the file and the reason
-        cause = exc.__cause__ if exc.__cause__ is not None else exc  # MONAI wraps the reader's error
-        raise PreprocessingError(f"{path}: cannot read image ({describe_read_error(cause)})") from None
-    if img.ndim != 4 or img.shape[0] != 1:
-        raise PreprocessingError(
-            f"{path}: expected a single-channel 3D image, got array shape {tuple(img.shape)}"
-        )
-    if not np.isfinite(img.as_tensor().numpy()).all():  # numpy: far faster than torch on busy CPUs
-        raise PreprocessingError(f"{path}: contains NaN or infinite values")
-    return img
+    array, header = _read(load_image, path)
+    volume = _single_volume(array, header)
+    if not np.isfinite(volume).all():
+        raise PreprocessingError(f"{header.path}: contains NaN or infinite values")
+    return MetaTensor(
+        torch.from_numpy(volume[None]), affine=torch.as_tensor(header.affine, dtype=torch.float64)
+    )
 
 
-def read_geometry(path: str | Path) -> tuple[np.ndarray, tuple[int, ...]]:
+def read_geometry(path: str | Path) -> tuple[np.ndarray, tuple[int, int, int]]:
     """RAS affine and 3D shape from the header, without reading voxels (except DICOM folders)."""
-    path = Path(path)
-    if not path.exists():
-        raise PreprocessingError(f"{path}: file not found")
+    header = _read(read_header, path)
+    if len(header.spacing) != 3:
+        raise PreprocessingError(f"{header.path}: expected a 3D image, got shape {header.shape}")
+    return header.affine, header.spatial_shape  # type: ignore[return-value]
+
+
+def _read(reader: Callable[[Path], _Read], path: str | Path) -> _Read:
+    """``reader(path)``, its refusal re-raised as a PreprocessingError with the reader's message."""
     try:
-        if path.name.endswith(_NIFTI_SUFFIXES):
-            img = nib.load(str(path))
-            return np.asarray(img.affine, dtype=np.float64), tuple(int(s) for s in img.shape[:3])
-        if path.is_dir():
-            vol = _load_sitk(path)
-            return vol.affine.numpy(), tuple(vol.shape[1:])
-        import SimpleITK as sitk
-
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-        affine = _sitk_ras_affine(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
-        return affine, tuple(int(s) for s in reader.GetSize())
-    except CimlError:
-        raise
-    except Exception as exc:
-        raise PreprocessingError(f"{path}: cannot read image header ({type(exc).__name__}: {exc})") from None
+        return reader(Path(path))
+    except ImageReadError as exc:
+        raise PreprocessingError(str(exc)) from None
 
 
-def _sitk_ras_affine(
-    spacing: Sequence[float], origin: Sequence[float], direction: Sequence[float]
-) -> np.ndarray:
-    """ITK geometry (LPS) -> a 4x4 RAS affine as nibabel and MONAI use."""
-    ndim = len(spacing)
-    if ndim != 3:
-        raise PreprocessingError(f"expected a 3D image, got {ndim} dimensions")
-    lps = np.eye(4)
-    lps[:3, :3] = np.asarray(direction, dtype=np.float64).reshape(3, 3) @ np.diag(spacing)
-    lps[:3, 3] = origin
-    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-
-
-def _load_sitk(path: Path) -> MetaTensor:
-    import SimpleITK as sitk
-
-    if path.is_dir():
-        reader = sitk.ImageSeriesReader()
-        files = reader.GetGDCMSeriesFileNames(str(path))
-        if not files:
-            raise PreprocessingError(f"{path}: folder holds no DICOM series")
-        reader.SetFileNames(files)
-        image = reader.Execute()
-    else:
-        image = sitk.ReadImage(str(path))
-    if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
-        raise PreprocessingError(f"{path}: expected a single-channel 3D image")
-    array = sitk.GetArrayFromImage(image).transpose(2, 1, 0).astype(np.float32)  # ITK is z,y,x
-    affine = _sitk_ras_affine(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-    return MetaTensor(torch.from_numpy(np.ascontiguousarray(array))[None], affine=torch.as_tensor(affine))
+def _single_volume(array: np.ndarray, header: ImageHeader) -> np.ndarray:
+    """The ``[X, Y, Z]`` voxels as float32, dropping the trailing length-1 axis of a one-volume 4D NIfTI."""
+    if len(header.spacing) == 3 and array.shape[3:] == (1,):
+        array = array[..., 0]
+    if len(header.spacing) != 3 or array.ndim != 3:
+        raise PreprocessingError(
+            f"{header.path}: expected a single-channel 3D image, got array shape {tuple(array.shape)}"
+        )
+    return np.ascontiguousarray(array, dtype=np.float32)
 
 
 @dataclass
