@@ -154,7 +154,12 @@ def _install_chromium() -> str | None:
     for command in ([apt, "update"], [apt, "install", "-y", "chromium"]):
         try:
             done = subprocess.run(
-                command, capture_output=True, encoding="utf-8", errors="replace", env=environment, timeout=1200
+                command,
+                capture_output=True,
+                encoding="utf-8",
+                errors="replace",
+                env=environment,
+                timeout=1200,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             return f"`{' '.join(command)}` failed: {exc}"
