@@ -77,36 +77,9 @@ def test_lps_to_ras_flips_first_two_axes() -> None:
     assert "".join(nib.aff2axcodes(affine)) == "LPS"
 
 
-def _write_dicom_series(folder: Path, zyx: np.ndarray) -> sitk.Image:
-    """Write one DICOM file per slice with the tags GDCM needs to group and order a series."""
-    folder.mkdir()
-    volume = sitk.GetImageFromArray(zyx)
-    volume.SetSpacing((0.5, 0.7, 2.0))
-    volume.SetOrigin((10.0, -20.0, 30.0))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    uid = "1.2.826.0.1.3680043.2.1125.4242"
-    for k in range(zyx.shape[0]):
-        slice_ = volume[:, :, k]
-        position = "\\".join(str(v) for v in volume.TransformIndexToPhysicalPoint((0, 0, k)))
-        tags = {
-            "0008|0060": "CT",
-            "0020|000d": uid + ".1",
-            "0020|000e": uid + ".2",
-            "0020|0032": position,
-            "0020|0037": "1\\0\\0\\0\\1\\0",
-            "0020|0013": str(k + 1),
-        }
-        for tag, value in tags.items():
-            slice_.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
-        writer.Execute(slice_)
-    return volume
-
-
-def test_dicom_series_folder(tmp_path: Path) -> None:
+def test_dicom_series_folder(tmp_path: Path, dicom_series) -> None:
     zyx = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
-    volume = _write_dicom_series(tmp_path / "series", zyx)
+    volume = dicom_series(tmp_path / "series", zyx)
     array, affine = read_image(tmp_path / "series")
     np.testing.assert_array_equal(array, zyx.transpose(2, 1, 0))
     expected = itk_to_ras_affine(volume.GetDirection(), volume.GetSpacing(), volume.GetOrigin())

@@ -376,7 +376,7 @@ def test_cache_hit_reads_no_image_file(tmp_path, brats, monkeypatch):
     def no_reading(path):
         raise AssertionError(f"read {path}")
 
-    monkeypatch.setattr(pp, "load_volume", no_reading)
+    monkeypatch.setattr("ciml.data.preprocessing.load.load_volume", no_reading)  # where load_case finds it
     second = cache.get(case)
     np.testing.assert_array_equal(second.image, first.image)
     np.testing.assert_array_equal(second.label, first.label)

@@ -1,4 +1,8 @@
-"""Reading medical images and their headers, one convention for every format.
+"""Reading medical images and their headers: the one place in ciml that opens image files.
+
+check-data, preprocessing (training and prediction), evaluation, explain and the writers' reference
+headers all read through this module, so every consumer applies the same checks (size limits, voxel
+sizes, affine sanity, one DICOM series per folder) and reports the same errors.
 
 NIfTI goes through nibabel; NRRD, MHA/MHD and DICOM series folders go through SimpleITK. Whatever the
 format, arrays come back in voxel order (i, j, k) and with a 4x4 affine mapping voxel indices to RAS
@@ -17,6 +21,8 @@ import logging
 import os
 import struct
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,19 +115,15 @@ def read_header(path: str | Path) -> ImageHeader:
     comes from every slice).
     """
     path = _check_exists(path)
-    try:
+    with _read_errors(path):
         if _is_nifti(path):
-            return check_header(_nifti_header(path, nib.load(str(path))))
+            return _open_nifti(path)[1]
         if path.is_dir():
             return _itk_header(path, _read_dicom_series(path))
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
         return _itk_header(path, reader)
-    except ImageReadError:
-        raise
-    except Exception as exc:
-        raise ImageReadError(path, _describe(exc)) from None
 
 
 def load_image(path: str | Path) -> tuple[np.ndarray, ImageHeader]:
@@ -131,15 +133,25 @@ def load_image(path: str | Path) -> tuple[np.ndarray, ImageHeader]:
     fails only once the data are read.
     """
     path = _check_exists(path)
-    try:
+    with _read_errors(path):
         if _is_nifti(path):
             return _load_nifti(path)
         image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
         return _itk_array(image), _itk_header(path, image)
-    except ImageReadError:
-        raise
-    except Exception as exc:
-        raise ImageReadError(path, _describe(exc)) from None
+
+
+def read_nifti_image(path: str | Path) -> nib.Nifti1Image | None:
+    """The NIfTI image itself (full header, qform/sform codes; voxels not read), None for other formats.
+
+    Writers copy this header into their outputs so a prediction overlays its input in any viewer; the
+    header passes the same checks as :func:`read_header`.
+    """
+    if image_suffix(path) not in NIFTI_SUFFIXES:
+        return None
+    path = _check_exists(path)
+    with _read_errors(path):
+        image = _open_nifti(path)[0]
+    return image if isinstance(image, nib.Nifti1Image) else None  # Nifti2Image is a subclass
 
 
 def read_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -222,6 +234,17 @@ def _check_exists(path: str | Path) -> Path:
     return path
 
 
+@contextmanager
+def _read_errors(path: Path) -> Iterator[None]:
+    """Turn whatever a reader raises (nibabel and ITK raise many types) into one ImageReadError line."""
+    try:
+        yield
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        raise ImageReadError(path, _describe(exc)) from None
+
+
 def _is_nifti(path: Path) -> bool:
     return path.is_file() and image_suffix(path) in NIFTI_SUFFIXES
 
@@ -238,9 +261,14 @@ def _nifti_header(path: Path, image: nib.spatialimages.SpatialImage) -> ImageHea
     )
 
 
+def _open_nifti(path: Path, **options: bool) -> tuple[nib.spatialimages.SpatialImage, ImageHeader]:
+    """The nibabel image (voxels not read yet) and its checked header."""
+    image = nib.load(str(path), **options)
+    return image, check_header(_nifti_header(path, image))
+
+
 def _load_nifti(path: Path) -> tuple[np.ndarray, ImageHeader]:
-    image = nib.load(str(path), mmap=False)
-    header = check_header(_nifti_header(path, image))
+    image, header = _open_nifti(path, mmap=False)
     dtype = np.dtype(image.get_data_dtype())
     if dtype.fields is not None or dtype.kind not in "buif":
         raise ImageReadError(
@@ -261,13 +289,20 @@ def _check_nifti_length(path: Path, image: nib.spatialimages.SpatialImage) -> No
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
+    """The one DICOM series in ``folder``; several are refused, since picking one would be a guess."""
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series:
         raise ImageReadError(folder, "folder holds no DICOM series (and is not an image file)")
+    files = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series}
     if len(series) > 1:
-        raise ImageReadError(folder, f"folder holds {len(series)} DICOM series; point at a folder with one")
+        found = ", ".join(f"{uid} ({len(names)} files)" for uid, names in files.items())
+        raise ImageReadError(
+            folder,
+            f"folder holds {len(series)} DICOM series: {found}; ciml reads one series per folder "
+            "(move each series into a folder of its own)",
+        )
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    reader.SetFileNames(files[series[0]])
     return reader.Execute()
 
 

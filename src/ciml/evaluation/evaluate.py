@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from ciml.data.io import ImageHeader, ImageReadError, load_image
 from ciml.errors import CimlError
 from ciml.files import refuse_existing, write_text_atomic
 from ciml.metrics import (
@@ -163,16 +163,16 @@ def check_same_cases(
 # --------------------------------------------------------------------------------------- reading cases
 
 
-def _load(path: Path) -> nib.Nifti1Image:
+def _load(path: Path) -> tuple[np.ndarray, ImageHeader]:
+    """Voxels and header through ciml's one reader, its refusal as an EvaluationError with its words."""
     try:
-        return nib.load(str(path))
-    except Exception as exc:  # nibabel raises several types for unreadable files
-        raise EvaluationError(f"{path}: cannot read as NIfTI ({exc})") from None
+        return load_image(path)
+    except ImageReadError as exc:
+        raise EvaluationError(str(exc)) from None
 
 
-def _label_array(image: nib.Nifti1Image, path: Path, spec: TaskSpec) -> np.ndarray:
+def _label_array(data: np.ndarray, path: Path, spec: TaskSpec) -> np.ndarray:
     """Voxel labels as integers, checked against the task's label values."""
-    data = np.asanyarray(image.dataobj)
     if data.ndim > 3 and all(s == 1 for s in data.shape[3:]):
         data = data.reshape(data.shape[:3])
     if not np.issubdtype(data.dtype, np.integer):
@@ -207,19 +207,18 @@ def load_case_pair(
     pred_path: Path, ref_path: Path, spec: TaskSpec
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     """Prediction and reference label arrays on the same grid, and the reference's spacing in mm."""
-    pred_img, ref_img = _load(pred_path), _load(ref_path)
-    pred, ref = _label_array(pred_img, pred_path, spec), _label_array(ref_img, ref_path, spec)
+    (pred_data, pred_header), (ref_data, ref_header) = _load(pred_path), _load(ref_path)
+    pred, ref = _label_array(pred_data, pred_path, spec), _label_array(ref_data, ref_path, spec)
     if pred.shape != ref.shape:
         raise EvaluationError(
             f"{pred_path}: shape {pred.shape} differs from the reference {ref_path}: {ref.shape}"
         )
-    if not np.allclose(pred_img.affine, ref_img.affine, rtol=0, atol=AFFINE_TOLERANCE):
+    if not np.allclose(pred_header.affine, ref_header.affine, rtol=0, atol=AFFINE_TOLERANCE):
         raise EvaluationError(
-            f"{pred_path}: affine {_format_affine(pred_img.affine)} differs from the reference {ref_path}: "
-            f"{_format_affine(ref_img.affine)} (resample the prediction to the reference grid)"
+            f"{pred_path}: affine {_format_affine(pred_header.affine)} differs from the reference "
+            f"{ref_path}: {_format_affine(ref_header.affine)} (resample the prediction to the reference grid)"
         )
-    spacing = tuple(float(z) for z in ref_img.header.get_zooms()[: ref.ndim])
-    return pred, ref, spacing
+    return pred, ref, ref_header.spacing[: ref.ndim]
 
 
 # --------------------------------------------------------------------------------------- scoring

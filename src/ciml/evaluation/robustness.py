@@ -203,16 +203,16 @@ def _reference(
     case_label: Path, pre: PreprocessedCase, spec: TaskSpec
 ) -> tuple[np.ndarray, tuple[float, ...]]:
     """The case's reference labels and spacing; they must lie on the reference modality's grid."""
-    image = _load(case_label)
-    labels = _label_array(image, case_label, spec)
+    data, header = _load(case_label)
+    labels = _label_array(data, case_label, spec)
     shape, affine = tuple(pre.meta["original_shape"]), np.asarray(pre.meta["original_affine"])
-    if labels.shape != shape or not np.allclose(image.affine, affine, rtol=0, atol=AFFINE_TOLERANCE):
+    if labels.shape != shape or not np.allclose(header.affine, affine, rtol=0, atol=AFFINE_TOLERANCE):
         source = pre.meta["sources"][pre.meta["reference_modality"]]
         raise EvaluationError(
             f"{case_label}: label grid (shape {labels.shape}) differs from the image {source} "
             f"(shape {shape}) it is scored on; resample the label onto that image"
         )
-    return labels, tuple(float(z) for z in image.header.get_zooms()[:3])
+    return labels, header.spacing[:3]
 
 
 def _score_subset(

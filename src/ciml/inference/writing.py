@@ -16,7 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ciml.data.io import NIFTI_SUFFIXES
+from ciml.data.io import read_nifti_image
 from ciml.errors import CimlError
 from ciml.files import atomic_path
 
@@ -25,14 +25,12 @@ PROBABILITIES_SUFFIX = "_probabilities.nii.gz"
 
 
 def reference_nifti(path: str | Path | None) -> nib.Nifti1Image | None:
-    """The reference modality as a (lazily loaded) NIfTI image, or None for other formats (NRRD, DICOM)."""
-    if path is None or not str(path).endswith(NIFTI_SUFFIXES):
-        return None
-    try:
-        image = nib.load(str(path))
-    except Exception as exc:  # nibabel raises several types for unreadable files
-        raise CimlError(f"{path}: cannot read the NIfTI header ({exc})") from None
-    return image if isinstance(image, nib.Nifti1Image) else None  # Nifti2Image is a subclass
+    """The reference modality as a (lazily loaded) NIfTI image, or None for other formats (NRRD, DICOM).
+
+    Raises:
+        ImageReadError: the file is missing or its header is unreadable or corrupt (the reader's checks).
+    """
+    return None if path is None else read_nifti_image(path)
 
 
 def to_nifti(array: np.ndarray, affine: np.ndarray, reference: nib.Nifti1Image | None) -> nib.Nifti1Image:
