@@ -37,7 +37,6 @@ CHROMIUM = Path("/usr/bin/chromium")
 HEADER_RGB = (0x1F, 0x3B, 0x57)  # table header background in the report's CSS
 
 
-
 def write_cases(root: Path, n_cases: int = 3) -> Path:
     """BraTS layout: a sphere tumour (labels 2 > 1 > 4 inwards), brighter in every modality."""
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij"), axis=-1)
@@ -154,7 +153,12 @@ def _install_chromium() -> str | None:
     for command in ([apt, "update"], [apt, "install", "-y", "chromium"]):
         try:
             done = subprocess.run(
-                command, capture_output=True, encoding="utf-8", errors="replace", env=environment, timeout=1200
+                command,
+                capture_output=True,
+                encoding="utf-8",
+                errors="replace",
+                env=environment,
+                timeout=1200,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             return f"`{' '.join(command)}` failed: {exc}"
