@@ -7,12 +7,14 @@ those regions' targets, reported apart as ``seg/<segmentor>/fallback`` and added
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from ciml.errors import CimlError
 from ciml.models.output import SegmentationOutput
 
 
@@ -55,17 +57,38 @@ class CIMLLoss(torch.nn.Module):
     """Region loss for any network's :class:`SegmentationOutput`.
 
     Args:
-        region_names: order of the target's channels (the task spec's regions).
-        beta: weight of the KL (bottleneck) term.
+        region_names: order of the target's channels (the task spec's regions), each named once.
+        beta: weight of the KL (bottleneck) term, finite and >= 0 (a negative weight would reward
+            information instead of charging for it).
+
+    Raises:
+        CimlError: repeated region names, or a negative or non-finite ``beta``.
     """
 
     def __init__(self, region_names: Sequence[str], beta: float = DEFAULT_BETA) -> None:
         super().__init__()
-        self.index = {r: i for i, r in enumerate(region_names)}
-        self.beta = float(beta)
+        names = tuple(region_names)
+        repeated = sorted({r for r in names if names.count(r) > 1})
+        if repeated:
+            raise CimlError(f"region names must be unique, got {list(names)} (repeated: {repeated})")
+        beta = float(beta)
+        if not math.isfinite(beta) or beta < 0:
+            raise CimlError(f"beta (the weight of the KL term) must be finite and >= 0, got {beta}")
+        self.index = {r: i for i, r in enumerate(names)}
+        self.beta = beta
 
     def forward(self, output: SegmentationOutput, target: torch.Tensor) -> LossTerms:
-        """``target``: binary region masks [B, R, *spatial] in ``region_names`` order."""
+        """``target``: binary region masks [B, R, *spatial] in ``region_names`` order.
+
+        Raises:
+            ValueError: ``target`` does not have one channel per region (an extra channel, such as a
+                background channel in front, would otherwise shift every region silently).
+        """
+        if target.dim() < 2 or target.shape[1] != len(self.index):
+            raise ValueError(
+                f"target of shape {tuple(target.shape)} must have one channel per region "
+                f"({len(self.index)}: {', '.join(self.index)}) along dim 1"
+            )
         per_segmentor = {
             name: self._region_loss(logits, output.owned[name], target)
             for name, logits in output.logits.items()
