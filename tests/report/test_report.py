@@ -25,8 +25,7 @@ from ciml.errors import CimlError
 from ciml.evaluation.robustness import evaluate_robustness
 from ciml.explain import explain_cases
 from ciml.inference import InferenceSettings, predict_folder
-from ciml.report import write_report
-from ciml.report.html import SECTIONS
+from ciml.report import SECTIONS, write_report
 from ciml.training.engine import TrainSettings, train
 
 SHAPE = (20, 24, 16)
