@@ -26,6 +26,7 @@ from ciml.explain import (
     upsample_replicate,
 )
 from ciml.explain.information import parse_gate_key
+from ciml.inference import InferenceSettings
 from ciml.losses import CIMLLoss
 from ciml.models import build_model
 from ciml.runs import RunFolder, save_checkpoint
@@ -36,6 +37,8 @@ SHAPE = (20, 24, 16)
 AFFINE = np.array([[0, 0, -2.0, 30.0], [-1.0, 0, 0, 20.0], [0, 1.5, 0, -10.0], [0, 0, 0, 1]])
 TUMOUR = (slice(6, 12), slice(8, 15), slice(5, 10))
 MODALITIES = ("flair", "t1", "t1ce", "t2")
+
+CPU = InferenceSettings(device="cpu")
 
 
 def trained_like(name: str = "ciml", widths=(4, 8, 16), seed: int = 0):
@@ -146,7 +149,7 @@ def dataset(tmp_path_factory) -> Path:
 
 def test_explain_writes_maps_on_the_cases_grid_that_keep_the_information(dataset, tmp_path):
     run = make_run(tmp_path / "run", dataset)
-    [summary] = explain_cases(run, ["case0"], tmp_path / "out", device="cpu", progress=False)
+    [summary] = explain_cases(run, ["case0"], tmp_path / "out", settings=CPU, progress=False)
     folder = tmp_path / "out" / "case0"
     assert summary["extent"] == "case" and summary["method"] == "gradcam" and summary["level"] == 0
     info_files = sorted(folder.glob("info_*_from_*.nii.gz"))
@@ -171,14 +174,14 @@ def test_explain_writes_maps_on_the_cases_grid_that_keep_the_information(dataset
         assert sum(contribution["fractions"].values()) == pytest.approx(1.0)
 
     with pytest.raises(CimlError, match="already exists"):
-        explain_cases(run, ["case0"], tmp_path / "out", device="cpu", progress=False)
+        explain_cases(run, ["case0"], tmp_path / "out", settings=CPU, progress=False)
     with pytest.raises(CimlError, match="no case nope"):
-        explain_cases(run, ["nope"], tmp_path / "other", device="cpu", progress=False)
+        explain_cases(run, ["nope"], tmp_path / "other", settings=CPU, progress=False)
 
 
 def test_a_case_over_the_budget_is_explained_in_a_window_around_the_tumour(dataset, tmp_path):
     run = make_run(tmp_path / "run", dataset)
-    explainer = Explainer.from_run(run, device="cpu")
+    explainer = Explainer.from_run(run, CPU)
     case = read_dataset(dataset, explainer.spec)[1]
     pre = preprocess_case(case, explainer.spec, explainer.plan)
     explanation = explainer.explain_preprocessed(pre, max_voxels=1000)

@@ -76,7 +76,7 @@ def project(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def report(project) -> Path:
     out = project["root"] / "report.html"
-    write_report(project["run"], out, pred_dir=project["pred"], ref_dir=project["data"], device="cpu")
+    write_report(project["run"], out, pred_dir=project["pred"], ref_dir=project["data"], settings=CPU)
     return out
 
 
@@ -131,7 +131,7 @@ def test_missing_inputs_are_named_and_reports_are_never_overwritten(project, tmp
 
 
 def test_explanations_written_by_ciml_explain_are_embedded(project, tmp_path):
-    explain_cases(project["run"], ["case2"], tmp_path / "explained", device="cpu", progress=False)
+    explain_cases(project["run"], ["case2"], tmp_path / "explained", settings=CPU, progress=False)
     out = write_report(project["run"], tmp_path / "r.html", explanations=tmp_path / "explained")
     html = out.read_text(encoding="utf-8")
     gradcam = (tmp_path / "explained" / "case2" / "gradcam.png").read_bytes()

@@ -9,6 +9,7 @@ from pathlib import Path
 from ciml.cli.options import add_device, add_overwrite, add_progress, finish
 from ciml.data.layouts import LAYOUTS
 from ciml.explain import CAMS, EXTENTS, GRADCAM, explain_cases
+from ciml.inference import InferenceSettings
 from ciml.runs import CHECKPOINTS
 
 
@@ -21,6 +22,12 @@ def add_network_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint", choices=CHECKPOINTS, default="last", help="last (default) or best checkpoint"
     )
     add_device(parser)
+
+
+def network_settings(args: argparse.Namespace) -> InferenceSettings:
+    """The explained network as prediction settings (one vocabulary for choosing a run's network)."""
+    folds = None if args.fold is None else (args.fold,)
+    return InferenceSettings(checkpoint=args.checkpoint, folds=folds, device=args.device)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -100,9 +107,7 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         data=args.data,
         layout=args.layout,
-        fold=args.fold,
-        checkpoint=args.checkpoint,
-        device=args.device,
+        settings=network_settings(args),
         level=args.level,
         cam=args.cam,
         extent=args.extent,

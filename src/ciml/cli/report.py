@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ciml.cli.explain import add_network_arguments
+from ciml.cli.explain import add_network_arguments, network_settings
 from ciml.cli.options import add_overwrite, add_progress, finish
 from ciml.data.layouts import LAYOUTS
 from ciml.report import write_report
@@ -89,9 +89,7 @@ def run(args: argparse.Namespace) -> int:
         explain_cases=args.explain_cases,
         max_cases=args.max_cases,
         layout=args.layout,
-        fold=args.fold,
-        checkpoint=args.checkpoint,
-        device=args.device,
+        settings=network_settings(args),
         overwrite=args.overwrite,
         progress=args.progress,
     )

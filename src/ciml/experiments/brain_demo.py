@@ -143,7 +143,12 @@ def run_brain_demo(
 
     log("6/6 writing the report (explains one test case)")
     report = write_report(
-        run, out / "report.html", pred_dir=predictions, ref_dir=test_dir, device=config.device, overwrite=True
+        run,
+        out / "report.html",
+        pred_dir=predictions,
+        ref_dir=test_dir,
+        settings=inference_settings(config),
+        overwrite=True,
     )
     step("report")
     log(f"report: {report}")

@@ -33,6 +33,7 @@ from ciml.explain.window import (
     placed,
     window_around,
 )
+from ciml.inference import InferenceSettings
 from ciml.inferers import sliding_window_probabilities
 from ciml.models import SegmentationNetwork
 from ciml.runs import RunFolder, load_trained_run
@@ -68,18 +69,20 @@ class Explainer:
     def from_run(
         cls,
         run: RunFolder | str | Path,
-        fold: int | None = None,
-        checkpoint: str = "last",
-        device: str = "auto",
+        settings: InferenceSettings | None = None,
     ) -> Explainer:
-        """Load one fold (default: the first with a checkpoint) of a run folder.
+        """Load one fold of a run folder: the first of ``settings.folds``, else the first trained.
+
+        ``settings`` chooses the network as for prediction (checkpoint, folds, device); explanations
+        always run in float32, since their gradients must be exact.
 
         Raises:
             CimlError: not a run folder, no trained fold, no preprocessing plan or patch size in run.json.
         """
         run = run if isinstance(run, RunFolder) else RunFolder(run)
-        folds = [fold] if fold is not None else run.folds()[:1]
-        trained = load_trained_run(run, folds=folds, checkpoint=checkpoint, device=device)
+        settings = settings or InferenceSettings()
+        folds = list(settings.folds[:1]) if settings.folds else run.folds()[:1]
+        trained = load_trained_run(run, folds=folds, checkpoint=settings.checkpoint, device=settings.device)
         return cls(trained.network, trained.spec, trained.plan, trained.patch_size, trained.device)
 
     def explain(self, case: Case, **options: Any) -> CaseExplanation:

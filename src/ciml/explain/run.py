@@ -17,6 +17,7 @@ from ciml.explain.gradcam import (
 )
 from ciml.explain.writing import SUMMARY_FILE, safe_name, write_explanation
 from ciml.files import refuse_existing
+from ciml.inference import InferenceSettings
 from ciml.runs import RunFolder
 
 
@@ -27,9 +28,7 @@ def explain_cases(
     *,
     data: str | Path | None = None,
     layout: str | None = None,
-    fold: int | None = None,
-    checkpoint: str = "last",
-    device: str = "auto",
+    settings: InferenceSettings | None = None,
     level: int | None = None,
     cam: str = GRADCAM,
     extent: str = "auto",
@@ -45,7 +44,7 @@ def explain_cases(
         out: output folder.
         data: the cases' dataset in any layout (default: the run's training data, from run.json).
         layout: the dataset's layout (default: auto, or the run's for its own data).
-        fold, checkpoint, device: which network and where (float32 even on CUDA).
+        settings: which network and where, as for prediction (the first of its folds; float32 even on CUDA).
         level, cam, extent, max_voxels: see :meth:`Explainer.explain_preprocessed`.
         overwrite: replace existing explanations (default: refuse before any work).
         progress: progress bar and per-case times.
@@ -67,7 +66,7 @@ def explain_cases(
         raise CimlError(f"{data}: no case {', '.join(unknown)} (it has {_listing(cases)})")
     folders = {c: Path(out) / safe_name(c) for c in wanted}
     refuse_existing([f / SUMMARY_FILE for f in folders.values()], overwrite)
-    explainer = Explainer.from_run(run, fold, checkpoint, device)
+    explainer = Explainer.from_run(run, settings)
     summaries = []
     bar = tqdm(wanted, desc="explain", unit="case", disable=not progress)
     for case_id in bar:

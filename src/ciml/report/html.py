@@ -8,6 +8,7 @@ from typing import Any
 import jinja2
 
 from ciml.files import refuse_existing, write_text_atomic
+from ciml.inference import InferenceSettings
 from ciml.report.sections import report_page
 from ciml.report.template import CSS, TEMPLATE
 from ciml.runs import RunFolder
@@ -29,9 +30,7 @@ def build_report(
     explain_cases: int = 1,
     max_cases: int = 3,
     layout: str = "auto",
-    fold: int | None = None,
-    checkpoint: str = "last",
-    device: str = "auto",
+    settings: InferenceSettings | None = None,
     progress: bool = False,
 ) -> str:
     """The report's HTML text; see :func:`write_report` for the arguments."""
@@ -45,9 +44,7 @@ def build_report(
             explain_cases=explain_cases,
             max_cases=max_cases,
             layout=layout,
-            fold=fold,
-            checkpoint=checkpoint,
-            device=device,
+            settings=settings,
             progress=progress,
         )  # fmt: skip
     )
@@ -64,9 +61,7 @@ def write_report(
     explain_cases: int = 1,
     max_cases: int = 3,
     layout: str = "auto",
-    fold: int | None = None,
-    checkpoint: str = "last",
-    device: str = "auto",
+    settings: InferenceSettings | None = None,
     overwrite: bool = False,
     progress: bool = False,
 ) -> Path:
@@ -82,7 +77,7 @@ def write_report(
         robustness: ``robustness.json`` of ``ciml robustness`` (default: ``RUN/robustness/robustness.json``).
         max_cases: cases shown with overlays and explanations read from a folder.
         layout: layout of ``ref_dir`` (for its images).
-        fold, checkpoint, device: the network explained on the spot.
+        settings: the network explained on the spot (the first of its folds), as for prediction.
         progress: progress bar of the evaluation.
 
     Raises:
@@ -92,7 +87,7 @@ def write_report(
     refuse_existing([out], overwrite)
     html = build_report(
         run, pred_dir=pred_dir, ref_dir=ref_dir, explanations=explanations, robustness=robustness,
-        explain_cases=explain_cases, max_cases=max_cases, layout=layout, fold=fold, checkpoint=checkpoint,
-        device=device, progress=progress,
+        explain_cases=explain_cases, max_cases=max_cases, layout=layout, settings=settings,
+        progress=progress,
     )  # fmt: skip
     return write_text_atomic(out, html)

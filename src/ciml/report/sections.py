@@ -43,6 +43,7 @@ from ciml.evaluation.evaluate import (
 )
 from ciml.explain import Explainer
 from ciml.explain.figures import case_overlay_png, tumour_slice
+from ciml.inference import InferenceSettings
 from ciml.models import model_from_config
 from ciml.runs import RunFolder
 from ciml.runs.log import LOG_FILE, PLOT_FILE, plot_progress, read_log
@@ -325,10 +326,10 @@ def explanations_from_folder(folder: Path, modalities: Sequence[str], max_cases:
 
 
 def explanations_computed(
-    run: RunFolder, cases: Sequence[Case], spec: TaskSpec, *, fold: int | None, checkpoint: str, device: str
+    run: RunFolder, cases: Sequence[Case], spec: TaskSpec, settings: InferenceSettings | None = None
 ) -> list[dict[str, Any]]:
     """Explain ``cases`` now, in memory (nothing is written but the report)."""
-    explainer = Explainer.from_run(run, fold, checkpoint, device)
+    explainer = Explainer.from_run(run, settings)
     blocks = []
     for case in cases:
         explanation = explainer.explain(case)
@@ -390,9 +391,7 @@ def report_page(
     explain_cases: int = 1,
     max_cases: int = 3,
     layout: str = "auto",
-    fold: int | None = None,
-    checkpoint: str = "last",
-    device: str = "auto",
+    settings: InferenceSettings | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Everything the report shows, as plain data for the template (see :func:`ciml.report.write_report`)."""
@@ -412,7 +411,7 @@ def report_page(
         explained = explanations_from_folder(Path(explanations), spec.modality_names, max_cases)
     elif explain_cases > 0:
         chosen = _cases_to_explain(result, cases, run, info, spec, explain_cases)
-        explained = explanations_computed(run, chosen, spec, fold=fold, checkpoint=checkpoint, device=device)
+        explained = explanations_computed(run, chosen, spec, settings)
     else:
         explained = []
     robustness_path = (
