@@ -478,8 +478,8 @@ def predict_files(
         case_id: names the output (default: the first file's name without its extension).
         modalities: default: those that have a file.
     """
-    run = run if isinstance(run, RunFolder) else RunFolder(run)
-    spec = run.spec()
+    predictor = Predictor.from_run(run, settings)
+    spec = predictor.spec
     unknown = sorted(set(files) - set(spec.modality_names))
     if unknown or not files:
         raise ParameterError(
@@ -489,7 +489,6 @@ def predict_files(
         )
     images = {m: Path(files[m]) for m in spec.modality_names if m in files}
     case = Case(case_id or strip_image_suffix(next(iter(images.values()))), images)
-    predictor = Predictor.from_run(run, settings)
     chosen = list(images) if modalities is None else modalities
     return predict_cases(
         predictor,
