@@ -18,11 +18,11 @@ import ciml.files
 from ciml.cli import main
 from ciml.data.cases import Case
 from ciml.data.preprocessing import ModalityNormalization, PreprocessingPlan, plan_preprocessing
-from ciml.errors import CimlError
+from ciml.errors import CimlError, ParameterError
 from ciml.evaluation.robustness import evaluate_robustness
 from ciml.inference import InferenceSettings, Predictor, predict_cases, writing
 from ciml.inferers import mirror_axes_combinations
-from ciml.models import SegmentationOutput, build_model
+from ciml.models import SegmentationNetwork, SegmentationOutput, build_model
 from ciml.runs import RunFolder, save_checkpoint
 from ciml.tasks import TaskSpec, load_task
 
@@ -33,7 +33,6 @@ BODY = (slice(3, 17), slice(4, 21), slice(2, 14))
 TUMOUR = (slice(6, 12), slice(8, 15), slice(5, 10))
 PATCH = (16, 16, 16)
 MODALITIES = ("flair", "t1", "t1ce", "t2")
-
 
 
 @pytest.fixture
@@ -119,8 +118,15 @@ def make_run(folder: Path, spec: TaskSpec, cases: list[Case], name: str = "ciml"
     return run
 
 
-class FlairThreshold(nn.Module):
+class FlairThreshold(SegmentationNetwork):
     """WT wherever the normalised FLAIR is clearly positive: a network whose answer is known per voxel."""
+
+    def __init__(self) -> None:
+        super().__init__(("flair", "t1", "t1ce", "t2"))
+
+    owners = property(lambda self: {r: ("fake",) for r in ("WT", "TC", "ET")})
+    primary_inputs = property(lambda self: {"fake": self.modalities})
+    size_divisor = property(lambda self: 1)
 
     def forward(self, x: torch.Tensor, present=None, **_: object) -> SegmentationOutput:
         wt = 20.0 * x[:, :1] - 1.0
@@ -293,15 +299,29 @@ def test_folds_are_ensembled_by_averaging_probabilities(spec):
     )
 
 
-def test_bad_settings_are_refused_with_the_option_name(tmp_path, spec):
+def test_bad_settings_are_refused_with_the_parameter_name_and_the_cli_names_the_flag(tmp_path, spec, capsys):
     cases = write_brats(tmp_path / "data", n_cases=1)
     run = make_run(tmp_path / "run", spec, cases)
-    with pytest.raises(CimlError, match="--step"):
+    with pytest.raises(ParameterError, match=r"^step: must be in \(0, 1\]") as refused:
         Predictor.from_run(run, InferenceSettings(step=0.0, device="cpu"))
+    assert refused.value.parameter == "step"
     with pytest.raises(CimlError, match="checkpoint_best.pt: checkpoint not found"):
         Predictor.from_run(run, InferenceSettings(checkpoint="best", device="cpu"))
-    with pytest.raises(CimlError, match="--modalities: unknown pd"):
+    with pytest.raises(ParameterError, match="^modalities: unknown pd"):
         Predictor.from_run(run, InferenceSettings(device="cpu")).present_modalities(["flair", "pd"])
+    common = [
+        "predict",
+        "--run",
+        str(run.path),
+        "--input",
+        str(tmp_path / "data"),
+        "--output",
+        str(tmp_path / "o"),
+    ]
+    assert main([*common, "--step", "0", "--device", "cpu"]) == 1
+    assert "error: --step: must be in (0, 1]" in capsys.readouterr().err
+    assert main([*common, "--modalities", "flair,pd", "--device", "cpu"]) == 1
+    assert "error: --modalities: unknown pd" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------- fallback owners
