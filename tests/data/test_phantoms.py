@@ -336,7 +336,7 @@ def test_hecktor_refuses_then_overwrites(tmp_path):
     make_hecktor_phantom(tmp_path, n_cases=1, seed=0, **SMALL_HECKTOR)
     (label_file,) = (tmp_path / "labelsTr").iterdir()
     before = label_file.stat().st_mtime_ns
-    with pytest.raises(CimlError, match="file exists.*overwrite"):
+    with pytest.raises(CimlError, match="already exists.*set overwrite"):
         make_hecktor_phantom(tmp_path, n_cases=1, seed=0, **SMALL_HECKTOR)
     assert label_file.stat().st_mtime_ns == before
     make_hecktor_phantom(tmp_path, n_cases=1, seed=0, overwrite=True, **SMALL_HECKTOR)

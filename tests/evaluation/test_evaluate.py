@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import ciml.cli
+from ciml.errors import ParameterError
 from ciml.evaluation.evaluate import (
     EvaluationError,
     evaluate_folders,
@@ -249,7 +250,7 @@ def test_write_refuses_to_overwrite_and_is_atomic(tmp_path, monkeypatch):
     target = tmp_path / "out" / "metrics.json"
     target.parent.mkdir()
     target.write_text("keep me", encoding="utf-8")
-    with pytest.raises(EvaluationError, match="already exists"):
+    with pytest.raises(ParameterError, match="^overwrite: .*already exists"):
         result.write(target)
     assert target.read_text(encoding="utf-8") == "keep me"
     result.write(target, overwrite=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ciml.errors import CimlError
+from ciml.errors import CimlError, ParameterError
 from ciml.explain import (
     GRADCAM,
     HIRESCAM,
@@ -154,5 +154,5 @@ def test_grad_cam_formula_and_input_checks():
     assert grad_cam(activation, None).abs().sum() == 0
     with pytest.raises(CimlError, match="one case at a time"):
         explain_contributions(small("ciml"), torch.randn(2, 4, 16, 16, 16))
-    with pytest.raises(CimlError, match="--cam"):
+    with pytest.raises(ParameterError, match="^cam: must be one of"):
         explain_contributions(small("ciml"), torch.randn(1, 4, 16, 16, 16), cam="scorecam")

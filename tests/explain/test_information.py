@@ -16,7 +16,7 @@ import torch
 from ciml.cli import main
 from ciml.data.layouts import read_dataset
 from ciml.data.preprocessing import plan_preprocessing, preprocess_case
-from ciml.errors import CimlError
+from ciml.errors import CimlError, ParameterError
 from ciml.explain import (
     Explainer,
     explain_cases,
@@ -197,7 +197,7 @@ def test_a_case_over_the_budget_is_explained_in_a_window_around_the_tumour(datas
     assert np.isfinite(explanation.probabilities).all()
     whole = explainer.explain_preprocessed(pre, extent="case")
     assert whole.extent == "case" and whole.window == ((0, 0, 0), pre.image.shape[1:])
-    with pytest.raises(CimlError, match="--extent"):
+    with pytest.raises(ParameterError, match="^extent: must be one of"):
         explainer.explain_preprocessed(pre, extent="everything")
 
 

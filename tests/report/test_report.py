@@ -124,7 +124,7 @@ def test_missing_inputs_are_named_and_reports_are_never_overwritten(project, tmp
 
     run, pred = str(project["run"]), str(project["pred"])
     assert main(["report", "--run", run, "--pred", pred, "--out", str(tmp_path / "x.html")]) == 1
-    assert "--pred and --ref go together" in capsys.readouterr().err
+    assert "--pred: predictions and references go together" in capsys.readouterr().err
     assert not (tmp_path / "x.html").exists()
     assert main(["report", "--run", run, "--out", str(tmp_path / "c.html"), "--explain-cases", "0"]) == 0
     assert "wrote" in capsys.readouterr().out and (tmp_path / "c.html").is_file()

@@ -400,7 +400,7 @@ def report_page(
     spec = run.spec()
     if (pred_dir is None) != (ref_dir is None):
         raise ParameterError(
-            "pred_dir", "needs ref_dir too (and the other way round): an evaluation needs both"
+            "pred_dir", "predictions and references go together (give both or neither)"
         )
     pred_dir = None if pred_dir is None else Path(pred_dir)
     ref_dir = None if ref_dir is None else Path(ref_dir)
