@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ciml.data.layouts import LAYOUTS
+from ciml.cli.dataset_options import add_dataset_arguments, channel_flags, parse_channels
 from ciml.errors import CimlError
 from ciml.inference.predict import DEVICES, InferenceSettings, predict_files, predict_folder
 from ciml.inferers import DEFAULT_STEP
@@ -57,12 +57,7 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="where to run: auto (default: CUDA with bf16 autocast when available, else CPU), cpu, cuda",
     )
-    parser.add_argument(
-        "--layout",
-        default="auto",
-        choices=("auto", *LAYOUTS),
-        help="layout of the input cases; default: auto (detected from the file names)",
-    )
+    add_dataset_arguments(parser, task=False)
 
 
 def settings_from_args(args: argparse.Namespace) -> InferenceSettings:
@@ -160,7 +155,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.case_id is not None:
             raise CimlError("--case-id names the case given with --files; it cannot rename --input cases")
-        results = predict_folder(args.run, args.input, args.output, layout=args.layout, **options)
+        with channel_flags():
+            results = predict_folder(
+                args.run,
+                args.input,
+                args.output,
+                layout=args.layout,
+                channels=parse_channels(args.channels),
+                **options,
+            )
     done = [r for r in results if not r.skipped]
     seconds = sum(r.seconds for r in done)
     mean = f", {seconds / len(done):.1f} s per case" if done else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ciml.cli.dataset_options import TASK_HELP, add_dataset_arguments, channel_flags, parse_channels
 from ciml.models import model_names
 from ciml.training.engine import CPU_DEFAULTS, GPU_DEFAULTS, TrainSettings, train
 
@@ -22,11 +23,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument("--task", default=None, help=TASK_HELP)
     parser.add_argument(
-        "--task", required=True, help="task preset (brats2020, autopet, hecktor2022) or YAML file"
-    )
-    parser.add_argument(
-        "--data", required=True, type=Path, help="dataset folder (any supported layout) or CSV"
+        "--data",
+        required=True,
+        type=Path,
+        help="dataset folder (any layout of README 'Your data') or CSV; every case needs a label",
     )
     parser.add_argument("--out", required=True, type=Path, help="run folder")
     parser.add_argument("--model", default="ciml", choices=model_names(), help="network to train")
@@ -69,9 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--validate-every", type=int, help="steps between validations (default: one epoch)")
     parser.add_argument("--max-validation-cases", type=int, help="validate on at most this many cases")
-    parser.add_argument(
-        "--layout", default="auto", help="dataset layout: auto, brats, autopet, hecktor, nnunet, csv"
-    )
+    add_dataset_arguments(parser, task=False)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--seed", type=int, default=0, help="seed of split, weights and patches")
     parser.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on GPU")
@@ -112,7 +112,9 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         tensorboard=args.tensorboard,
         progress=not args.no_progress,
+        channels=parse_channels(args.channels),
     )
-    run_folder = train(settings)
+    with channel_flags():
+        run_folder = train(settings)
     print(f"trained fold {args.fold}: {run_folder.fold_dir(args.fold)}")
     return 0

@@ -345,13 +345,35 @@ _NIFTI_LOADER = LoadImage(
 )
 
 
-def load_volume(path: str | Path) -> MetaTensor:
+def load_volume(path: str | Path, volume: int | None = None) -> MetaTensor:
     """One 3D image as a ``[1, X, Y, Z]`` float32 MetaTensor with its RAS affine.
 
+    ``volume`` picks one volume of a 4D file (MSD keeps a case's modalities in one file).
+
     Raises:
-        PreprocessingError: the file is missing, unreadable, not 3D, or holds NaN/inf.
+        PreprocessingError: the file is missing, unreadable, not 3D (4D with ``volume``), or holds NaN/inf.
     """
-    path = Path(path)
+    return _select_volume(_load_file(Path(path)), Path(path), volume)
+
+
+def _select_volume(img: MetaTensor, path: Path, volume: int | None) -> MetaTensor:
+    if volume is not None:
+        if img.ndim != 4 or not 0 <= volume < img.shape[0] or img.shape[0] == 1:
+            raise PreprocessingError(
+                f"{path}: expected a 4D image with a volume {volume}, got array shape {tuple(img.shape)}"
+            )
+        img = MetaTensor(img.as_tensor()[volume : volume + 1], affine=img.affine.clone())
+    if img.ndim != 4 or img.shape[0] != 1:
+        raise PreprocessingError(
+            f"{path}: expected a single-channel 3D image, got array shape {tuple(img.shape)}"
+        )
+    if not np.isfinite(img.as_tensor().numpy()).all():  # numpy: far faster than torch on busy CPUs
+        raise PreprocessingError(f"{path}: contains NaN or infinite values")
+    return img
+
+
+def _load_file(path: Path) -> MetaTensor:
+    """The file's voxels as ``[C, X, Y, Z]`` (C > 1 only for 4D files), unchecked."""
     if not path.exists():
         raise PreprocessingError(f"{path}: file not found")
     if path.is_file():
@@ -363,12 +385,6 @@ def load_volume(path: str | Path) -> MetaTensor:
     except Exception as exc:  # readers raise many types; the user needs the file and the reason
         cause = exc.__cause__ if exc.__cause__ is not None else exc  # MONAI wraps the reader's error
         raise PreprocessingError(f"{path}: cannot read image ({describe_read_error(cause)})") from None
-    if img.ndim != 4 or img.shape[0] != 1:
-        raise PreprocessingError(
-            f"{path}: expected a single-channel 3D image, got array shape {tuple(img.shape)}"
-        )
-    if not np.isfinite(img.as_tensor().numpy()).all():  # numpy: far faster than torch on busy CPUs
-        raise PreprocessingError(f"{path}: contains NaN or infinite values")
     return img
 
 
@@ -459,13 +475,21 @@ def _body_mask(values: np.ndarray, kind: str, ct_threshold: float) -> np.ndarray
 
 def _load_case(case: Case, spec: TaskSpec, ct_threshold: float, allow_missing: bool) -> _LoadedCase:
     present = _present_modalities(case, spec, allow_missing)
-    reference = load_volume(case.images[present[0]])
+    files: dict[Path, MetaTensor] = {}  # a 4D file (MSD) is read once for all its modalities
+
+    def load(m: str) -> MetaTensor:
+        path = Path(case.images[m])
+        if path not in files:
+            files[path] = _load_file(path)
+        return _select_volume(files[path], path, case.volumes.get(m))
+
+    reference = load(present[0])
     channels, bodies = [], {}
     for m, kind in spec.modalities.items():
         if m not in present:
             channels.append(np.zeros(reference.shape[1:], dtype=np.float32))
             continue
-        vol = reference if m == present[0] else load_volume(case.images[m])
+        vol = reference if m == present[0] else load(m)
         if not _same_grid(vol, reference):
             # Outside a modality's field of view: air for CT, no signal for the others.
             padding = "border" if kind == "ct" else "zeros"

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from ciml.data.cases import Case
 from ciml.data.io import strip_image_suffix
-from ciml.data.layouts import read_dataset
+from ciml.data.layouts import CHANNEL_LAYOUTS, detect_layout, read_dataset
 from ciml.data.preprocessing import PreprocessingPlan, invert_to_original, preprocess_case
 from ciml.devices import resolve_device
 from ciml.errors import CimlError
@@ -457,6 +457,7 @@ def predict_folder(
     save_probabilities: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    channels: Mapping[str, int] | None = None,
 ) -> list[CaseResult]:
     """Predict every case of a dataset folder (or CSV list) in any supported layout.
 
@@ -470,9 +471,13 @@ def predict_folder(
         save_probabilities: also write float32 region probabilities ``[X, Y, Z, R]``.
         overwrite: replace existing outputs (default: keep them and skip finished cases).
         progress: progress bar and per-case times.
+        channels: modality -> channel id of an nnU-Net/MSD input whose channel names do not say it;
+            default: the mapping the run was trained with, if any.
     """
     run = run if isinstance(run, RunFolder) else RunFolder(run)
-    cases = read_dataset(input_path, run.spec(), layout)
+    if channels is None and (layout if layout != "auto" else detect_layout(input_path)) in CHANNEL_LAYOUTS:
+        channels = run.read_info().get("train", {}).get("channels")
+    cases = read_dataset(input_path, run.spec(), layout, channels=channels)
     predictor = Predictor.from_run(run, settings)
     return predict_cases(
         predictor,

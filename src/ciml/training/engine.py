@@ -25,7 +25,7 @@ import torch.distributed as dist
 from ciml import __version__
 from ciml.data.cases import Case
 from ciml.data.integrity import ensure_dataset_ok
-from ciml.data.layouts import read_dataset
+from ciml.data.layouts import read_dataset, resolve_task
 from ciml.data.preprocessing import PreprocessedCache, PreprocessedCase, PreprocessingPlan, plan_preprocessing
 from ciml.data.sampling import random_mirror, sample_patches
 from ciml.devices import resolve_device
@@ -36,8 +36,8 @@ from ciml.locks import folder_lock
 from ciml.metrics import dice
 from ciml.models import CIMLNet, build_model
 from ciml.runs import RunFolder
-from ciml.tasks import TaskSpec, load_task
 from ciml.runs.log import RunLogger
+from ciml.tasks import TaskSpec
 from ciml.training.loop import Batch, TrainConfig, Trainer
 
 CPU_DEFAULTS = {"patch_size": (64, 64, 64), "batch_size": 2, "widths": (16, 32, 64, 128)}
@@ -49,7 +49,7 @@ GPU_DEFAULTS = {"patch_size": (128, 128, 128), "batch_size": 2, "widths": (32, 6
 class TrainSettings:
     """Everything `ciml train` takes. Unset sizes fall back to the task's and then the device's defaults."""
 
-    task: str
+    task: str | None
     data: Path
     out: Path
     model: str = "ciml"
@@ -78,6 +78,7 @@ class TrainSettings:
     resume: bool = False
     tensorboard: bool = False
     progress: bool = True
+    channels: dict[str, int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -273,16 +274,29 @@ def train(settings: TrainSettings) -> RunFolder:
     after the dataset passed its integrity check, so a refused dataset leaves nothing behind.
     """
     rank, world, device = _init_distributed(settings.device)
-    spec = load_task(settings.task)
+    spec = resolve_task(settings.task, settings.data, settings.layout)
     run = RunFolder(settings.out)
     _check_run_folder(run, settings)
-    cases = read_dataset(settings.data, spec, settings.layout)
+    cases = read_dataset(settings.data, spec, settings.layout, channels=settings.channels)
+    refuse_unlabelled(cases, settings.data)
     ensure_dataset_ok(
         cases, spec, source=settings.data, require_labels=True, progress=settings.progress and rank == 0
     )
     lock = folder_lock(run.fold_dir(settings.fold)) if rank == 0 else contextlib.nullcontext()
     with lock:
         return _train_checked(settings, spec, run, cases, rank, world, device)
+
+
+def refuse_unlabelled(cases: Sequence[Case], data: Path, shown: int = 10) -> None:
+    """Training needs a label for every case: name the ones without, before anything is written."""
+    unlabelled = [c.case_id for c in cases if c.label is None]
+    if unlabelled:
+        more = f", ... ({len(unlabelled) - shown} more)" if len(unlabelled) > shown else ""
+        raise CimlError(
+            f"{data}: {len(unlabelled)} of {len(cases)} cases have no label file, and training needs one for "
+            f"every case: {', '.join(unlabelled[:shown])}{more}. Point data at the labelled cases only "
+            "(e.g. the training folder, not its validation sibling), or list them in a CSV"
+        )
 
 
 def _train_checked(
