@@ -328,7 +328,7 @@ _BRATS_NAMINGS = (
         "BraTS 2023+",
         "-",
         {"flair": "t2f", "t1": "t1n", "t1ce": "t1c", "t2": "t2w"},
-        {1: "NCR", 2: "SNFH", 3: "ET", 4: "RC"},
+        {1: "NCR", 2: "SNFH", 3: "ET"},  # 2024 GLI adds 4 RC; the label check refuses it where unknown
     ),
 )
 # BraTS 2023+ case folders: BraTS-GLI-00000-000 (also MEN, MET, SSA, PED, GoAT ...).

@@ -159,7 +159,8 @@ def _dataset_labels(folder: Path, spec: TaskSpec, layout: str) -> dict[str, Path
     try:
         cases = read_dataset(folder, spec, layout)
     except DatasetLayoutError as exc:
-        raise EvaluationError(f"{exc.path}: cannot read references: {exc.reason}") from None
+        where = "" if exc.path == folder else f"{exc.path}: "
+        raise EvaluationError(f"{folder}: no reference labels found: {where}{exc.reason}") from None
     return {c.case_id: c.label for c in cases if c.label is not None and c.label.is_file()}
 
 

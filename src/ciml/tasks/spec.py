@@ -99,7 +99,7 @@ class TaskSpec:
         if self.training:
             out["training"] = dict(self.training)
         if self.label_names:
-            out["labels"] = dict(self.label_names)
+            out["labels"] = {str(v): n for v, n in self.label_names.items()}  # JSON keys are strings
         return out
 
     @classmethod
