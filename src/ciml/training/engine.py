@@ -289,7 +289,7 @@ def train(settings: TrainSettings) -> RunFolder:
 
 def refuse_unlabelled(cases: Sequence[Case], data: Path, shown: int = 10) -> None:
     """Training needs a label for every case: name the ones without, before anything is written."""
-    unlabelled = [c.case_id for c in cases if c.label is None]
+    unlabelled = [c.case_id for c in cases if c.label is None or not Path(c.label).exists()]
     if unlabelled:
         more = f", ... ({len(unlabelled) - shown} more)" if len(unlabelled) > shown else ""
         raise CimlError(
