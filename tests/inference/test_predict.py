@@ -20,13 +20,8 @@ from ciml.data.cases import Case
 from ciml.data.preprocessing import ModalityNormalization, PreprocessingPlan, plan_preprocessing
 from ciml.errors import CimlError
 from ciml.evaluation.robustness import evaluate_robustness
-from ciml.inference import (
-    InferenceSettings,
-    Predictor,
-    mirror_axes_combinations,
-    predict_cases,
-    writing,
-)
+from ciml.inference import InferenceSettings, Predictor, predict_cases, writing
+from ciml.inferers import mirror_axes_combinations
 from ciml.models import SegmentationOutput, build_model
 from ciml.runs import RunFolder, save_checkpoint
 from ciml.tasks import TaskSpec, load_task
