@@ -427,3 +427,20 @@ def test_cli_bad_folder_and_bad_task(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert f"error: {tmp_path / 'empty'}: empty folder" in capsys.readouterr().out
     assert main(["check-data", "--task", "nosuchtask", "--data", str(tmp_path), "--quiet"]) == 1
     assert "nosuchtask" in capsys.readouterr().err
+
+
+def test_negative_autopet_studies_are_summarised_in_one_line(tmp_path: Path) -> None:
+    """autoPET has hundreds of negative controls (empty SEG): one line names them, not one warning each."""
+    root = tmp_path / "FDG-PET-CT-Lesions"
+    for i in range(7):
+        study = root / f"PETCT_{i:010x}" / "08-12-2005-NA-PET-CT Ganzkoerper  primaer mit KM-96698"
+        study.mkdir(parents=True)
+        _save(study / "SUV.nii.gz", np.abs(_image(i)))
+        _save(study / "CTres.nii.gz", _image(i + 10))
+        _save(study / "SEG.nii.gz", _label((0, 1)) if i == 0 else np.zeros(SHAPE, np.uint8))
+    report = check_folder(root, "autopet", progress=False)
+    assert report.ok
+    (problem,) = report.problems
+    assert problem.severity == WARNING and problem.file == str(root)
+    assert problem.reason.startswith("6 cases have a label with only background (0), e.g. negative studies: ")
+    assert "PETCT_0000000001_08-12-2005" in problem.reason and "(1 more)" in problem.reason

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -11,8 +10,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ciml.data.integrity import check_dataset
-from ciml.data.layouts import DatasetLayoutError, detect_layout, read_dataset
+from ciml.data.integrity import check_dataset, check_folder
+from ciml.data.layouts import (
+    ChannelMappingError,
+    DatasetLayoutError,
+    detect_layout,
+    read_dataset,
+    resolve_task,
+)
 from ciml.tasks import load_task
 
 SHAPE = (8, 8, 8)
@@ -106,6 +111,195 @@ def test_brats_with_a_spec_using_some_modalities_and_aliases(tmp_path: Path) -> 
         read_dataset(tmp_path, spec)
 
 
+def test_brats2021_folders(tmp_path: Path) -> None:
+    root = tmp_path / "RSNA_ASNR_MICCAI_BraTS2021_TrainingData_16July2021"
+    for cid in ("BraTS2021_00000", "BraTS2021_00002"):
+        _brats_case(root, cid)
+    assert detect_layout(root) == "brats"
+    cases = read_dataset(root, "brats2020")
+    assert [c.case_id for c in cases] == ["BraTS2021_00000", "BraTS2021_00002"]
+    assert cases[0].images["t1ce"].name == "BraTS2021_00000_t1ce.nii.gz"
+    assert cases[0].label.name == "BraTS2021_00000_seg.nii.gz"
+    assert check_dataset(cases, load_task("brats2020"), progress=False).ok
+
+
+BRATS2023_TOKENS = ("t1c", "t1n", "t2f", "t2w")
+
+
+def _brats2023_case(folder: Path, cid: str, labels: tuple[int, ...] = (0, 1, 2, 3), seg: bool = True) -> Path:
+    """A BraTS 2023+ case as distributed, with the macOS ``._*`` twin of every file that tars carry."""
+    for token in BRATS2023_TOKENS:
+        _nii(folder / cid / f"{cid}-{token}.nii.gz")
+        (folder / cid / f"._{cid}-{token}.nii.gz").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    if seg:
+        _nii(folder / cid / f"{cid}-seg.nii.gz", _label(labels))
+        (folder / cid / f"._{cid}-seg.nii.gz").write_bytes(b"\x00\x05\x16\x07")
+    (folder / f"._{cid}").write_bytes(b"\x00")
+    return folder / cid
+
+
+def test_brats2023_gli_folders_with_appledouble_files(tmp_path: Path) -> None:
+    root = tmp_path / "ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData"
+    _brats2023_case(root, "BraTS-GLI-00000-000")
+    _brats2023_case(root, "BraTS-GLI-00002-000")
+    _brats2023_case(
+        tmp_path / "ASNR-MICCAI-BraTS2023-GLI-Challenge-ValidationData", "BraTS-GLI-00001-000", seg=False
+    )
+    assert detect_layout(root) == "brats"
+    cases = read_dataset(tmp_path, "brats2023")
+    assert [c.case_id for c in cases] == ["BraTS-GLI-00000-000", "BraTS-GLI-00002-000", "BraTS-GLI-00001-000"]
+    first = cases[0]
+    assert {m: p.name for m, p in first.images.items()} == {
+        m: f"BraTS-GLI-00000-000-{m}.nii.gz" for m in ("t1n", "t1c", "t2w", "t2f")
+    }
+    assert first.label.name == "BraTS-GLI-00000-000-seg.nii.gz"
+    assert first.extra["challenge"] == "GLI" and first.extra["naming"] == "BraTS 2023+"
+    assert cases[2].label is None
+    assert check_dataset(cases, load_task("brats2023"), progress=False).ok
+    # the 2017-2021 names of a spec find the same files: t2f is FLAIR, t1c is T1CE
+    brats2020_case = read_dataset(root, "brats2020")[0]
+    assert brats2020_case.images["flair"].name == "BraTS-GLI-00000-000-t2f.nii.gz"
+    assert brats2020_case.images["t1ce"].name == "BraTS-GLI-00000-000-t1c.nii.gz"
+
+
+def test_label_3_refused_by_brats2020_accepted_by_brats2023(tmp_path: Path) -> None:
+    _brats2023_case(tmp_path, "BraTS-GLI-00000-000", labels=(0, 1, 2, 3))
+    assert check_folder(tmp_path, "brats2023", progress=False).ok
+    report = check_folder(tmp_path, "brats2020", progress=False)
+    assert [p.reason for p in report.errors] == [
+        "label: label values 3 are not in task 'brats2020' label values (0, 1, 2, 4)"
+    ]
+
+
+@pytest.mark.parametrize(("preset", "unexpected"), [("brats2020", "3"), ("brats2023", "4")])
+def test_brats2024_case_with_a_cavity_is_refused_by_older_presets(
+    tmp_path: Path, preset: str, unexpected: str
+):
+    _brats2023_case(tmp_path, "BraTS-GLI-02073-100", labels=(0, 1, 2, 3, 4))
+    report = check_folder(tmp_path, preset, progress=False)
+    assert not report.ok
+    assert [p.reason for p in report.errors] == [
+        f"label: label values {unexpected} are not in task '{preset}' label values "
+        f"({', '.join(map(str, load_task(preset).label_values))})"
+    ]
+    assert check_folder(tmp_path, "brats2024", progress=False).ok
+
+
+def test_brats2024_cavity_is_its_own_region_never_tumour() -> None:
+    spec = load_task("brats2024")
+    regions = spec.labels_to_regions(np.array([1, 2, 3, 4]))
+    assert dict(zip(spec.region_names, regions.tolist(), strict=True)) == {
+        "WT": [True, True, True, False],
+        "TC": [True, False, True, False],
+        "ET": [False, False, True, False],
+        "RC": [False, False, False, True],
+    }
+    assert spec.owners("RC") == ("t1n", "t2w")
+    assert spec.regions_to_labels(regions).tolist() == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("challenge", ["MEN", "MET", "SSA", "PED"])
+def test_other_2023_sub_challenges_are_detected(tmp_path: Path, challenge: str) -> None:
+    cid = f"BraTS-{challenge}-00008-000"
+    _brats2023_case(tmp_path / f"BraTS2024-{challenge}-Challenge-TrainingData", cid)
+    assert detect_layout(tmp_path) == "brats"
+    spec = {
+        "name": f"my_{challenge.lower()}",
+        "modalities": {"t1c": "mri", "t2f": "mri"},
+        "regions": {"lesion": [1, 2, 3]},
+        "decomposition": {"t1c": ["lesion"], "t2f": ["lesion"]},
+        "assembly": [["lesion", 1]],
+    }
+    (case,) = read_dataset(tmp_path, spec)
+    assert case.extra["challenge"] == challenge and case.images["t2f"].name == f"{cid}-t2f.nii.gz"
+    if challenge == "PED":  # PED 2024 codes 1 ET, 2 NETC, 3 CC, 4 ED: not the GLI presets' tissues
+        with pytest.raises(DatasetLayoutError, match="BraTS-PED labels depend on the release"):
+            read_dataset(tmp_path, "brats2024")
+    else:
+        assert read_dataset(tmp_path, "brats2023")[0].case_id == cid
+
+
+def test_2017_2021_files_are_refused_by_a_spec_where_4_is_the_cavity(tmp_path: Path) -> None:
+    """In BraTS 2020 files 4 is ET; brats2024 would learn every enhancing tumour as resection cavity."""
+    _brats_case(tmp_path, "BraTS20_Training_001")
+    with pytest.raises(DatasetLayoutError, match="label values mean other things.*conflicting: 4"):
+        read_dataset(tmp_path, "brats2024")
+    with pytest.raises(DatasetLayoutError, match="conflicting: 1, 2"):
+        read_dataset(tmp_path, "msd_braintumour")
+    unnamed = load_task("brats2024").to_dict()
+    unnamed.pop("labels")
+    with pytest.raises(DatasetLayoutError, match="code 1 NCR/NET, 2 ED, 4 ET and never use label 3"):
+        read_dataset(tmp_path, unnamed)
+
+
+# --------------------------------------------------------------------------------------------- MSD
+
+MSD_JSON = {
+    "name": "BRATS",
+    "description": "Gliomas segmentation tumour and oedema in on brain images",
+    "tensorImageSize": "4D",
+    "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+    "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+    "numTraining": 2,
+    "numTest": 1,
+    "training": [
+        {"image": "./imagesTr/BRATS_001.nii.gz", "label": "./labelsTr/BRATS_001.nii.gz"},
+        {"image": "./imagesTr/BRATS_002.nii.gz", "label": "./labelsTr/BRATS_002.nii.gz"},
+    ],
+    "test": ["./imagesTs/BRATS_485.nii.gz"],
+}
+
+
+def write_msd(root: Path) -> Path:
+    """Task01_BrainTumour as the MSD tar unpacks: 4D images whose volume k has the value 100 * (k + 1)."""
+    root.mkdir(parents=True)
+    (root / "dataset.json").write_text(json.dumps(MSD_JSON, indent=4), encoding="utf-8")
+    (root / "._dataset.json").write_bytes(b"\x00\x05\x16\x07")
+    noise = np.random.default_rng(1).normal(size=SHAPE).astype(np.float32)
+    volumes = np.stack([noise + 100 * (k + 1) for k in range(4)], axis=-1)
+    for folder, cid in (("imagesTr", "BRATS_001"), ("imagesTr", "BRATS_002"), ("imagesTs", "BRATS_485")):
+        _nii(root / folder / f"{cid}.nii.gz", volumes)
+        (root / folder / f"._{cid}.nii.gz").write_bytes(b"\x00\x05\x16\x07")
+        if folder == "imagesTr":
+            _nii(root / "labelsTr" / f"{cid}.nii.gz", _label((0, 1, 2, 3)))
+            (root / "labelsTr" / f"._{cid}.nii.gz").write_bytes(b"\x00\x05\x16\x07")
+    return root
+
+
+def test_msd_brain_tumour_read_as_distributed(tmp_path: Path) -> None:
+    root = write_msd(tmp_path / "Task01_BrainTumour")
+    assert detect_layout(root) == "msd"
+    cases = read_dataset(root, "msd_braintumour")
+    assert [c.case_id for c in cases] == ["BRATS_001", "BRATS_002"]
+    first = cases[0]
+    assert set(first.images.values()) == {root / "imagesTr" / "BRATS_001.nii.gz"}
+    assert first.volumes == {"flair": 0, "t1": 1, "t1ce": 2, "t2": 3}  # t1gd is T1CE
+    assert first.label == root / "labelsTr" / "BRATS_001.nii.gz"
+    report = check_dataset(cases, load_task("msd_braintumour"), progress=False)
+    assert report.ok and report.n_files == 4, report.problems  # one 4D image and one label per case
+    from ciml.data.preprocessing import load_volume
+
+    assert float(load_volume(first.images["t1ce"], first.volumes["t1ce"]).mean()) == pytest.approx(300, abs=1)
+    (test_case,) = read_dataset(root / "imagesTs", "msd_braintumour")
+    assert test_case.case_id == "BRATS_485" and test_case.label is None
+
+
+def test_msd_labels_are_not_brats_labels(tmp_path: Path) -> None:
+    root = write_msd(tmp_path / "Task01_BrainTumour")
+    with pytest.raises(DatasetLayoutError, match=r"conflicting: 1, 2\); choose the task"):
+        read_dataset(root, "brats2023")  # 1 edema here, necrosis there
+    unnamed = load_task("msd_braintumour").to_dict()
+    unnamed.pop("labels")
+    with pytest.raises(DatasetLayoutError, match="does not say what its label values mean"):
+        read_dataset(root, unnamed)
+    info = dict(MSD_JSON, modality={"0": "FLAIR", "1": "T1w", "2": "T1w", "3": "T2w"})
+    (root / "dataset.json").write_text(json.dumps(info), encoding="utf-8")
+    with pytest.raises(ChannelMappingError, match="0 FLAIR, 1 T1w, 2 T1w, 3 T2w"):
+        read_dataset(root, "msd_braintumour")
+    (case, _) = read_dataset(root, "msd_braintumour", channels={"flair": 0, "t1": 1, "t1ce": 2, "t2": 3})
+    assert case.volumes["t1ce"] == 2
+
+
 # ----------------------------------------------------------------------------------------- autoPET
 
 
@@ -195,31 +389,131 @@ def _nnunet(root: Path, channels: dict[str, str], cases: tuple[str, ...], **extr
 
 
 def test_nnunet_channels_map_by_name_in_any_order(tmp_path: Path) -> None:
+    """nnU-Net's Dataset137 (BraTS 2021): T1, T1ce, T2, FLAIR; labels remapped to 1 ED, 2 NCR, 3 ET."""
     root = tmp_path / "Dataset137_BraTS2021"
     regions = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]}
     channels = {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}
     _nnunet(
         root, channels, ("BraTS2021_00000", "BraTS2021_00002"), labels=regions, regions_class_order=[1, 2, 3]
     )
-
+    spec = {
+        "name": "brats_2017_names",
+        "modalities": {"flair": "mri", "t1": "mri", "t1gd": "mri", "t2": "mri"},
+        "regions": {"WT": [1, 2, 3], "TC": [2, 3], "ET": [3]},
+        "decomposition": {"flair": ["WT"], "t1": ["TC"], "t2": ["WT", "TC"], "t1gd": ["TC", "ET"]},
+        "assembly": [["WT", 1], ["TC", 2], ["ET", 3]],
+    }
     assert detect_layout(root) == "nnunet"
-    cases = read_dataset(root, "brats2020")
+    cases = read_dataset(root, spec)
     assert [c.case_id for c in cases] == ["BraTS2021_00000", "BraTS2021_00002"]
     assert cases[0].images["flair"].name == "BraTS2021_00000_0003.nii.gz"
-    assert cases[0].images["t1ce"].name == "BraTS2021_00000_0001.nii.gz"
+    assert cases[0].images["t1gd"].name == "BraTS2021_00000_0001.nii.gz"  # T1ce and t1gd: the same contrast
     assert cases[0].label == root / "labelsTr" / "BraTS2021_00000.nii.gz"
-    assert cases[0].extra["channels"] == "flair=0003,t1=0000,t1ce=0001,t2=0002"
+    assert cases[0].extra["channels"] == "flair=0003,t1=0000,t1gd=0001,t2=0002"
 
 
-def test_nnunet_channels_map_by_order_when_names_differ(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    _nnunet(tmp_path, {"0": "CT", "1": "CT"}, ("autopet_001",))
-    with caplog.at_level(logging.WARNING, logger="ciml.data.layouts"):
-        (case,) = read_dataset(tmp_path, "autopet")
-    assert case.images["pet"].name == "autopet_001_0000.nii.gz"
-    assert case.images["ct"].name == "autopet_001_0001.nii.gz"
-    assert "mapping them by order" in caplog.text
+def test_nnunet_regions_of_another_coding_are_refused(tmp_path: Path) -> None:
+    """brats2020's TC is {1, 4}; in Dataset137 1 is edema: training on it would learn edema as core."""
+    regions = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]}
+    _nnunet(tmp_path, {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}, ("c1",), labels=regions,
+            regions_class_order=[1, 2, 3])  # fmt: skip
+    with pytest.raises(DatasetLayoutError, match=r"regions WT \[1, 2, 4\].* not regions of this dataset"):
+        read_dataset(tmp_path, "brats2020")
+
+
+def test_nnunet_spec_from_dataset_json_with_regions(tmp_path: Path) -> None:
+    regions = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]}
+    _nnunet(tmp_path, {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}, ("c1",), labels=regions,
+            regions_class_order=[1, 2, 3], name="Dataset137_BraTS2021")  # fmt: skip
+    spec = resolve_task(None, tmp_path)
+    assert spec.name == "Dataset137_BraTS2021"
+    assert spec.modalities == {"t1": "mri", "t1ce": "mri", "t2": "mri", "flair": "mri"}
+    assert spec.regions == {"whole tumor": (1, 2, 3), "tumor core": (2, 3), "enhancing tumor": (3,)}
+    assert [(s.regions, s.label) for s in spec.assembly] == [
+        (("whole tumor",), 1), (("tumor core",), 2), (("enhancing tumor",), 3)
+    ]  # fmt: skip
+    assert all(spec.owners(r) == spec.modality_names for r in spec.regions)
+    assert spec.regions_to_labels(spec.labels_to_regions(np.array([0, 1, 2, 3]))).tolist() == [0, 1, 2, 3]
+    assert resolve_task("dataset.json", tmp_path) == spec
+    assert resolve_task(tmp_path / "dataset.json", tmp_path / "elsewhere") == spec
+    (case,) = read_dataset(tmp_path, spec)
+    assert case.images["flair"].name == "c1_0003.nii.gz"
+    _edit_json(tmp_path, regions_class_order=None)
+    with pytest.raises(DatasetLayoutError, match="'regions_class_order' is missing"):
+        resolve_task(None, tmp_path)
+
+
+def test_task_is_needed_outside_nnunet(tmp_path: Path) -> None:
+    _brats_case(tmp_path, "BraTS20_Training_001")
+    with pytest.raises(DatasetLayoutError, match="no task spec given.*brats dataset: name a preset"):
+        resolve_task(None, tmp_path)
+
+
+AUTOPET_CASE = "PETCT_0af7ffe12a_08-12-2005-NA-PET-CT Ganzkoerper  primaer mit KM-96698"
+
+
+def _autopet_nnunet(root: Path, channel_names: dict[str, str]) -> None:
+    """nnU-Net's Dataset221 conversion: _0000 is CTres (values around -1000..1000), _0001 is SUV (0..20)."""
+    info = {"channel_names": channel_names, "labels": {"background": 0, "tumor": 1}, "numTraining": 1}
+    root.mkdir(parents=True)
+    (root / "dataset.json").write_text(json.dumps(info | {"file_ending": ".nii.gz"}), encoding="utf-8")
+    noise = np.random.default_rng(0).normal(size=SHAPE).astype(np.float32)
+    _nii(root / "imagesTr" / f"{AUTOPET_CASE}_0000.nii.gz", noise * 100 - 1000)
+    _nii(root / "imagesTr" / f"{AUTOPET_CASE}_0001.nii.gz", np.abs(noise))
+    _nii(root / "labelsTr" / f"{AUTOPET_CASE}.nii.gz", _label((0, 1)))
+
+
+def test_nnunet_autopet_channels_by_name_never_by_position(tmp_path: Path) -> None:
+    """The autopet preset lists pet first; nnU-Net's files put CT first. Names decide, not positions."""
+    _autopet_nnunet(tmp_path / "named", {"0": "CT", "1": "PET"})
+    (case,) = read_dataset(tmp_path / "named", "autopet")
+    assert case.images["pet"].name.endswith("_0001.nii.gz")
+    assert case.images["ct"].name.endswith("_0000.nii.gz")
+    assert case.case_id == AUTOPET_CASE
+
+
+def test_nnunet_autopet_both_named_ct_is_refused_then_mapped_explicitly(tmp_path: Path) -> None:
+    root = tmp_path / "Dataset221_AutoPETII_2023"
+    _autopet_nnunet(root, {"0": "CT", "1": "CT"})
+    with pytest.raises(ChannelMappingError) as info:
+        read_dataset(root, "autopet")
+    message = str(info.value)
+    assert "0 CT, 1 CT" in message and "pet, ct" in message and "channels={'pet': ID, 'ct': ID}" in message
+    report = check_folder(root, "autopet", progress=False, channels={"pet": 1, "ct": 0})
+    assert report.ok, report.problems
+    (case,) = read_dataset(root, "autopet", channels={"pet": 1, "ct": 0})
+    assert case.images["pet"].name.endswith("_0001.nii.gz")
+    with pytest.raises(DatasetLayoutError, match="channels: no channel for ct; no channel 5"):
+        read_dataset(root, "autopet", channels={"pet": 5})
+    with pytest.raises(DatasetLayoutError, match="given to two modalities"):
+        read_dataset(root, "autopet", channels={"pet": 0, "ct": 0})
+    with pytest.raises(DatasetLayoutError, match="share the name 'CT'"):
+        resolve_task(None, root)
+
+
+def test_nnunet_dataset_key_lists_files_as_the_brats2024_conversion_does(tmp_path: Path) -> None:
+    """nnU-Net's Dataset226 links the BraTS 2024 files from dataset.json's `dataset` instead of copying."""
+    source = tmp_path / "training_data1"
+    cid = "BraTS-GLI-02073-100"
+    for token in ("t1n", "t1c", "t2w", "t2f"):
+        _nii(source / cid / f"{cid}-{token}.nii.gz")
+    _nii(source / cid / f"{cid}-seg.nii.gz", _label((0, 1, 2, 3, 4)))
+    root = tmp_path / "Dataset226_BraTS2024-BraTS-GLI"
+    root.mkdir()
+    files = [str(source / cid / f"{cid}-{t}.nii.gz") for t in ("t1n", "t1c", "t2w", "t2f")]
+    info = {
+        "channel_names": {"0": "T1", "1": "T1C", "2": "T2W", "3": "T2F"},
+        "labels": {"background": 0, "NETC": 1, "SNFH": 2, "ET": 3, "RC": 4},
+        "numTraining": 1,
+        "file_ending": ".nii.gz",
+        "dataset": {cid: {"label": str(source / cid / f"{cid}-seg.nii.gz"), "images": files}},
+    }
+    (root / "dataset.json").write_text(json.dumps(info), encoding="utf-8")
+    (case,) = read_dataset(root, "brats2024")
+    assert case.images["t2f"].name == f"{cid}-t2f.nii.gz" and case.images["t1n"].name == f"{cid}-t1n.nii.gz"
+    assert check_dataset([case], load_task("brats2024"), progress=False).ok
+    with pytest.raises(DatasetLayoutError, match="label values mean other things.*conflicting: 1, 2"):
+        read_dataset(root, "msd_braintumour")  # MSD's 1 edema / 2 non-enhancing are not 2024's
 
 
 def test_nnunet_channel_count_mismatch(tmp_path: Path) -> None:

@@ -114,7 +114,7 @@ def test_reference_layouts_give_the_same_result(tmp_path, layout):
             save(ref_root / "labelsTr" / f"{case_id}.nii.gz", ref)
         else:
             save(ref_root / f"{case_id}.nii", ref)
-    assert sorted(reference_files(ref_root)) == sorted(cases)
+    assert sorted(reference_files(ref_root, "brats2020")) == sorted(cases)
     pred_nii = tmp_path / "pred_nii"
     for case_id, (pred, _) in cases.items():
         save(pred_nii / f"{case_id}.nii", pred)
@@ -323,3 +323,77 @@ def test_cli_help_explains_options(cli, capsys):
     text = capsys.readouterr().out
     for option in ("--task", "--pred", "--ref", "--out", "--csv", "--convention", "--overwrite"):
         assert option in text
+
+
+# --------------------------------------------------------------------------- references in any layout
+
+
+def _lesion(value: int = 1) -> np.ndarray:
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[3:7, 3:7, 3:6] = value
+    return labels
+
+
+def test_references_from_autopet_study_folders_with_appledouble_files(tmp_path):
+    root = tmp_path / "FDG-PET-CT-Lesions"
+    cases = {
+        "PETCT_0af7ffe12a_08-12-2005-NA-PET-CT-96698": _lesion(),
+        "PETCT_1285b86bea_03-05-2004-NA-43210": None,
+    }
+    for case_id, seg in cases.items():
+        patient, study = case_id.split("_", 2)[:2], case_id.split("_", 2)[2]
+        folder = root / "_".join(patient) / study
+        for name in ("SUV", "CTres"):
+            save(folder / f"{name}.nii.gz", np.ones(SHAPE))
+        save(folder / "SEG.nii.gz", np.zeros(SHAPE, np.uint8) if seg is None else seg)  # negative study
+        (folder / "._SEG.nii.gz").write_bytes(b"\x00\x05\x16\x07")
+        save(tmp_path / "pred" / f"{case_id}.nii.gz", np.zeros(SHAPE, np.uint8) if seg is None else seg)
+    (tmp_path / "pred" / "._PETCT_x.nii.gz").write_bytes(b"\x00")
+    assert set(reference_files(root, "autopet")) == set(cases)
+    result = evaluate_folders(tmp_path / "pred", root, "autopet")
+    assert result.cases["PETCT_0af7ffe12a_08-12-2005-NA-PET-CT-96698"]["lesion"]["dice"] == 1.0
+
+
+def test_references_from_brats2023_seg_files(tmp_path):
+    root = tmp_path / "ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData"
+    ref = _lesion(3)
+    ref[3, 3, 3] = 1
+    for case_id in ("BraTS-GLI-00000-000", "BraTS-GLI-00002-000"):
+        save(root / case_id / f"{case_id}-t1c.nii.gz", np.ones(SHAPE))
+        save(root / case_id / f"{case_id}-seg.nii.gz", ref)
+        (root / case_id / f"._{case_id}-seg.nii.gz").write_bytes(b"\x00")
+        save(tmp_path / "pred" / f"{case_id}.nii.gz", ref)
+    result = evaluate_folders(tmp_path / "pred", root, "brats2023")
+    assert result.convention == "brats" and result.regions == ("WT", "TC", "ET")
+    assert all(result.cases[c]["ET"]["dice"] == 1.0 for c in result.cases)
+
+
+def test_references_from_a_dataset_root_pick_the_labels_folder_of_the_predictions(tmp_path):
+    root = tmp_path / "Dataset500_Lesions"
+    info = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "lesion": 1}, "numTraining": 1}
+    root.mkdir()
+    (root / "dataset.json").write_text(json.dumps(info | {"file_ending": ".nii.gz"}), encoding="utf-8")
+    save(root / "imagesTr" / "train_001_0000.nii.gz", np.ones(SHAPE))
+    save(root / "labelsTr" / "train_001.nii.gz", _lesion())
+    save(root / "labelsTs" / "test_001.nii.gz", _lesion())
+    save(tmp_path / "pred" / "test_001.nii.gz", _lesion())
+    result = evaluate_folders(tmp_path / "pred", root)  # no task: the spec comes from dataset.json
+    assert result.task == "Dataset500_Lesions" and list(result.cases) == ["test_001"]
+    assert result.cases["test_001"]["lesion"]["dice"] == 1.0
+    assert sorted(reference_files(root)) == ["train_001"]
+
+
+def test_references_from_msd_labels(tmp_path):
+    root = tmp_path / "Task01_BrainTumour"
+    root.mkdir()
+    info = {
+        "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+        "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+    }
+    (root / "dataset.json").write_text(json.dumps(info), encoding="utf-8")
+    save(root / "imagesTr" / "BRATS_001.nii.gz", np.ones((*SHAPE, 4)))
+    (root / "imagesTr" / "._BRATS_001.nii.gz").write_bytes(b"\x00")
+    save(root / "labelsTr" / "BRATS_001.nii.gz", _lesion(2))
+    save(tmp_path / "pred" / "BRATS_001.nii.gz", _lesion(2))
+    result = evaluate_folders(tmp_path / "pred", root, "msd_braintumour")
+    assert result.cases["BRATS_001"]["TC"]["dice"] == 1.0

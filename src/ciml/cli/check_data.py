@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ciml.cli.options import add_overwrite, add_progress, add_task, finish
+from ciml.cli.options import add_dataset_arguments, add_overwrite, add_progress, channel_flags, finish
 from ciml.data.integrity import IntegrityReport, check_folder
-from ciml.data.layouts import LAYOUTS
+from ciml.data.layouts import resolve_task
 from ciml.errors import CimlError
 from ciml.files import refuse_existing, write_json_atomic
-from ciml.tasks import load_task
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,19 +25,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "error, else 0. Nothing is written unless --json is given."
         ),
     )
-    add_task(parser)
     parser.add_argument(
         "--data",
         required=True,
         type=Path,
-        help="dataset folder, or a CSV list of cases (case_id, modalities, label)",
+        help="dataset folder (any layout of README 'Your data') or a CSV list (case_id, modalities, label)",
     )
-    parser.add_argument(
-        "--layout",
-        default="auto",
-        choices=("auto", *LAYOUTS),
-        help="dataset layout; default: auto (detected from the file names)",
-    )
+    add_dataset_arguments(parser)
     parser.add_argument(
         "--json",
         type=Path,
@@ -65,19 +58,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    spec = load_task(args.task)
+    spec = resolve_task(args.task, args.data, args.layout)
     if args.json is not None:
         refuse_existing([args.json], args.overwrite)
     if args.workers < 1:
         raise CimlError(f"--workers: must be at least 1, got {args.workers}")
-    report = check_folder(
-        args.data,
-        spec,
-        args.layout,
-        require_labels=True if args.require_labels else None,
-        progress=args.progress,
-        workers=args.workers,
-    )
+    with channel_flags():
+        report = check_folder(
+            args.data,
+            spec,
+            args.layout,
+            require_labels=True if args.require_labels else None,
+            progress=args.progress,
+            workers=args.workers,
+            channels=args.channels,
+        )
     hidden = [] if args.verbose else report.notes
     for problem in report.problems:
         if problem not in hidden:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ciml.cli.options import add_overwrite, add_progress, add_task, finish
+from ciml.cli.options import TASK_HELP, add_overwrite, add_progress, add_task, finish
+from ciml.data.layouts import LAYOUTS
 from ciml.evaluation.evaluate import CONVENTION_FOR_TASK, CONVENTIONS, check_outputs, evaluate_folders
 
 
@@ -22,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "over all cases per class, and its mean."
         ),
     )
-    add_task(parser)
+    add_task(parser, help=TASK_HELP.replace("dataset.json)", "dataset.json, from --ref)"))
     parser.add_argument(
         "--pred",
         required=True,
@@ -34,9 +35,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         required=True,
         type=Path,
         help=(
-            "reference labels: a folder of <case_id>.nii.gz files, an nnU-Net dataset (its labelsTr folder "
-            "is used), or BraTS case folders <case_id>/<case_id>_seg.nii.gz; spacing comes from these headers"
+            "reference labels: a folder of <case_id>.nii.gz files (e.g. labelsTs), a dataset root with "
+            "labelsTr/labelsTs (the one holding every predicted case), or any dataset ciml reads (BraTS "
+            "<case>/<case>_seg or -seg, autoPET PATIENT/STUDY/SEG.nii.gz, MSD, HECKTOR); spacing comes from "
+            "these headers"
         ),
+    )
+    parser.add_argument(
+        "--layout",
+        default="auto",
+        choices=("auto", *LAYOUTS),
+        help="layout of --ref when it is read as a dataset; default: auto (detected from the file names)",
     )
     parser.add_argument(
         "--out",
@@ -60,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     outputs = [args.out] + ([args.csv] if args.csv else [])
     check_outputs(outputs, args.overwrite)  # fail before the (long) evaluation, not after it
     result = evaluate_folders(
-        args.pred, args.ref, args.task, convention=args.convention, progress=args.progress
+        args.pred, args.ref, args.task, convention=args.convention, progress=args.progress, layout=args.layout
     )
     print(result.table())
     result.write(args.out, args.csv, overwrite=args.overwrite)

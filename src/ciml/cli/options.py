@@ -8,15 +8,72 @@ reported as ``--patch``.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+
+from ciml.data.layouts import FROM_DATASET, LAYOUTS, ChannelMappingError
+from ciml.errors import CimlError
 
 FLAGS_KEY = "flags"
+TASK_HELP = (
+    "task preset (e.g. brats2020, brats2023, brats2024, msd_braintumour, autopet, hecktor2022; `ciml tasks` "
+    f"lists them) or a task spec YAML file. Leave it out (or pass {FROM_DATASET}) for an nnU-Net dataset: "
+    "the spec is then built from its dataset.json (channel_names as modalities, labels and region lists as "
+    "regions, regions_class_order as the painting order; every modality owns every region)"
+)
+CHANNELS_HELP = (
+    "which channel id of an nnU-Net or MSD dataset is which modality of the task, e.g. ct=0,pet=1. Needed "
+    "only when dataset.json's channel names do not say it (nnU-Net's autoPET conversion names both channels "
+    "CT); channels are never matched by position"
+)
 
 
-def add_task(parser: argparse.ArgumentParser, required: bool = True, **kwargs) -> None:
-    """``--task``: a preset name or a task spec YAML file."""
-    kwargs.setdefault("help", "task preset name (see `ciml tasks`, e.g. brats2020) or task spec YAML file")
+def add_task(parser: argparse.ArgumentParser, required: bool = False, **kwargs) -> None:
+    """``--task``: a preset name or a task spec YAML file (optional where a dataset.json can say it)."""
+    kwargs.setdefault("help", TASK_HELP)
+    kwargs.setdefault("default", None)
     parser.add_argument("--task", required=required, **kwargs)
+
+
+def add_dataset_arguments(parser: argparse.ArgumentParser, *, task: bool = True, what: str = "the dataset") -> None:
+    """``--task`` (optional), ``--layout`` and ``--channels``: how a dataset is read."""
+    if task:
+        add_task(parser)
+    parser.add_argument(
+        "--layout",
+        default="auto",
+        choices=("auto", *LAYOUTS),
+        help=f"layout of {what}; default: auto (detected from the file names; see README 'Your data')",
+    )
+    parser.add_argument(
+        "--channels", type=parse_channels, default=None, metavar="MODALITY=ID,...", help=CHANNELS_HELP
+    )
+
+
+def parse_channels(text: str) -> dict[str, int]:
+    """``ct=0,pet=1`` -> {"ct": 0, "pet": 1}."""
+    out: dict[str, int] = {}
+    for item in text.split(","):
+        modality, sep, channel = item.strip().partition("=")
+        if not sep or not modality or not channel.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"expected MODALITY=ID[,MODALITY=ID...], got {item.strip()!r}")
+        if modality in out:
+            raise argparse.ArgumentTypeError(f"modality {modality!r} given twice")
+        out[modality] = int(channel)
+    return out
+
+
+@contextlib.contextmanager
+def channel_flags() -> Iterator[None]:
+    """Say ``--channels`` where the library says ``channels=``."""
+    try:
+        yield
+    except ChannelMappingError as exc:
+        reason = exc.reason.split("; say which channel id", 1)[0]
+        form = ",".join(f"{m}=ID" for m in exc.modalities)
+        raise CimlError(
+            f"{exc.path}: {reason}; say which channel id is which modality: --channels {form}"
+        ) from None
 
 
 def add_device(parser: argparse.ArgumentParser, default: str = "auto") -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ciml.cli.options import add_device, add_overwrite, add_progress, finish
-from ciml.data.layouts import LAYOUTS
+from ciml.cli.options import add_dataset_arguments, add_device, add_overwrite, add_progress, channel_flags, finish
 from ciml.errors import CimlError
 from ciml.inference.predict import InferenceSettings, predict_files, predict_folder
 from ciml.inferers import DEFAULT_STEP
@@ -55,12 +54,7 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
         help="sliding-window tile size (default: the run's training patch; larger tiles are faster on CPU)",
     )
     add_device(parser)
-    parser.add_argument(
-        "--layout",
-        default="auto",
-        choices=("auto", *LAYOUTS),
-        help="layout of the input cases; default: auto (detected from the file names)",
-    )
+    add_dataset_arguments(parser, task=False, what="the input cases")
 
 
 def settings_from_args(args: argparse.Namespace) -> InferenceSettings:
@@ -158,7 +152,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.case_id is not None:
             raise CimlError("--case-id names the case given with --files; it cannot rename --input cases")
-        results = predict_folder(args.run, args.input, args.output, layout=args.layout, **options)
+        with channel_flags():
+            results = predict_folder(
+                args.run, args.input, args.output, layout=args.layout, channels=args.channels, **options
+            )
     done = [r for r in results if not r.skipped]
     seconds = sum(r.seconds for r in done)
     mean = f", {seconds / len(done):.1f} s per case" if done else ""

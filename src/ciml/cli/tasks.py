@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     spec = load_task(args.task)
     print(yaml.safe_dump(spec.to_dict(), sort_keys=False).rstrip())
-    print("owners:")
+    print("# owners (as comments, so that `ciml tasks NAME > my.yaml` is a spec to edit):")
     for region in spec.regions:
-        print(f"  {region}: {', '.join(spec.owners(region))}")
+        print(f"#   {region}: {', '.join(spec.owners(region))}")
     return 0

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from ciml.cli.options import add_device, add_progress, add_task, finish
+from ciml.cli.options import add_dataset_arguments, add_device, add_progress, add_task, channel_flags, finish
 from ciml.models import model_names
 from ciml.training.engine import CPU_DEFAULTS, GPU_DEFAULTS, TrainSettings, train
 
@@ -28,7 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_task(parser)
     parser.add_argument(
-        "--data", required=True, type=Path, help="dataset folder (any supported layout) or CSV"
+        "--data",
+        required=True,
+        type=Path,
+        help="dataset folder (any layout of README 'Your data') or CSV; every case needs a label",
     )
     parser.add_argument("--out", required=True, type=Path, help="run folder")
     parser.add_argument("--model", default=DEFAULTS.model, choices=model_names(), help="network to train")
@@ -89,9 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--validate-every", type=int, help="steps between validations (default: one epoch)")
     parser.add_argument("--max-validation-cases", type=int, help="validate on at most this many cases")
-    parser.add_argument(
-        "--layout", default=DEFAULTS.layout, help="dataset layout: auto, brats, autopet, hecktor, nnunet, csv"
-    )
+    add_dataset_arguments(parser, task=False)
     add_device(parser, DEFAULTS.device)
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of split, weights and patches")
     parser.add_argument("--no-amp", dest="amp", action="store_false", help="disable bf16 autocast on GPU")
@@ -111,6 +112,7 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    run_folder = train(settings_from_args(args))
+    with channel_flags():
+        run_folder = train(settings_from_args(args))
     print(f"trained fold {args.fold}: {run_folder.fold_dir(args.fold)}")
     return 0

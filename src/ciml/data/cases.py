@@ -17,6 +17,8 @@ class Case:
         group: patient identifier for splits; studies of one patient share it (autoPET). Defaults
             to the case id.
         extra: layout-specific details a reader wants to keep (e.g. the original file names).
+        volumes: modality -> index of its volume when its file is a 4D image holding several
+            modalities (MSD's ``imagesTr/BRATS_001.nii.gz``); modalities not listed have a 3D file.
     """
 
     case_id: str
@@ -24,6 +26,7 @@ class Case:
     label: Path | None = None
     group: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    volumes: dict[str, int] = field(default_factory=dict)
 
     @property
     def patient(self) -> str:

@@ -20,7 +20,7 @@ Example:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,8 +30,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ciml.data.cases import Case
-from ciml.data.io import ImageHeader, ImageReadError, load_image
-from ciml.data.layouts import DatasetLayoutError, case_location, duplicate_case_ids, read_dataset
+from ciml.data.io import ImageHeader, ImageReadError, load_image, select_volume
+from ciml.data.layouts import (
+    ChannelMappingError,
+    DatasetLayoutError,
+    case_location,
+    duplicate_case_ids,
+    read_dataset,
+)
 from ciml.errors import CimlError
 from ciml.tasks import TaskSpec, load_task
 
@@ -152,7 +158,29 @@ def check_dataset(
     ):
         report.problems.extend(problems)
         report.n_files += n_files
+    report.problems = _summarise_background_only(report.problems, where)
     return report
+
+
+_BACKGROUND_ONLY = "label holds only background (0): no foreground in this case"
+
+
+def _summarise_background_only(problems: list[Problem], where: str, shown: int = 5) -> list[Problem]:
+    """One line for all labels without foreground (autoPET has hundreds of negative studies), not one each."""
+    empty = [p for p in problems if p.reason == f"label: {_BACKGROUND_ONLY}"]
+    if len(empty) < 2:
+        return problems
+    ids = [p.case_id or p.file for p in empty]
+    more = f", ... ({len(ids) - shown} more)" if len(ids) > shown else ""
+    line = Problem(
+        WARNING,
+        where,
+        f"{len(ids)} cases have a label with only background (0), e.g. negative studies: "
+        f"{', '.join(ids[:shown])}{more}",
+    )
+    first = problems.index(empty[0])
+    kept = [p for p in problems if p not in empty]
+    return kept[:first] + [line] + kept[first:]
 
 
 def _map_cases(cases: list[Case], spec: TaskSpec, workers: int) -> Iterator[tuple[list[Problem], int]]:
@@ -172,14 +200,21 @@ def check_folder(
     require_labels: bool | None = None,
     progress: bool = True,
     workers: int = 1,
+    channels: Mapping[str, int] | None = None,
 ) -> IntegrityReport:
     """Read a dataset folder or CSV list and check it; a folder that yields no cases is one error.
 
-    Duplicate case ids are reported with the other problems instead of stopping the read. Keyword
-    arguments are those of :func:`check_dataset`.
+    Duplicate case ids are reported with the other problems instead of stopping the read. ``channels``
+    is that of :func:`~ciml.data.layouts.read_dataset`; the other keyword arguments are those of
+    :func:`check_dataset`.
+
+    Raises:
+        ChannelMappingError: the dataset's channel names do not say which modality is which.
     """
     try:
-        cases = read_dataset(folder_or_csv, spec, layout, check_unique=False)
+        cases = read_dataset(folder_or_csv, spec, layout, check_unique=False, channels=channels)
+    except ChannelMappingError:
+        raise  # the caller has to say which channel is which; not a problem of the files
     except DatasetLayoutError as exc:
         report = IntegrityReport(source=str(folder_or_csv))
         report.problems.append(Problem(ERROR, str(exc.path), exc.reason))
@@ -266,24 +301,41 @@ def _check_case(case: Case, spec: TaskSpec) -> tuple[list[Problem], int]:
     roles: list[tuple[str, Path | None]] = [(m, case.images.get(m)) for m in spec.modalities]
     if case.label is not None:
         roles.append(("label", case.label))
+    files: dict[Path, tuple[np.ndarray, ImageHeader] | ImageReadError] = {}  # a 4D file is read once
     for role, path in roles:
         if path is None:
             file = str(case_location(case) or case.case_id)
             reason = f"case '{case.case_id}' has no file for modality '{role}'"
             problems.append(Problem(ERROR, file, reason, case.case_id))
             continue
-        file_problems, file_checked = _check_file(role, path, spec, case.case_id)
+        if path not in files:
+            files[path] = _read(path)
+        file_problems, file_checked = _check_file(role, files[path], spec, case, path)
         problems.extend(file_problems)
         if file_checked is not None:
             checked.append(file_checked)
     problems.extend(_check_geometry(case, checked))
-    return problems, sum(path is not None for _, path in roles)
+    return problems, len(files)
 
 
-def _check_file(role: str, path: Path, spec: TaskSpec, case_id: str) -> tuple[list[Problem], _Checked | None]:
-    """Read one file, check its voxels and keep its geometry (None when it could not be read)."""
+def _read(path: Path) -> tuple[np.ndarray, ImageHeader] | ImageReadError:
     try:
-        array, header = load_image(path)
+        return load_image(path)
+    except ImageReadError as exc:
+        return exc
+
+
+def _check_file(
+    role: str, read: tuple[np.ndarray, ImageHeader] | ImageReadError, spec: TaskSpec, case: Case, path: Path
+) -> tuple[list[Problem], _Checked | None]:
+    """Check one file's voxels (one volume of it for a 4D file) and keep its geometry (None if unreadable)."""
+    case_id = case.case_id
+    try:
+        if isinstance(read, ImageReadError):
+            raise read
+        array, header = read
+        if role in case.volumes:
+            array, header = select_volume(array, header, case.volumes[role])
     except ImageReadError as exc:
         return [Problem(ERROR, str(path), f"{role}: {exc.reason}", case_id)], None
     n_spatial = len(header.spacing)
@@ -341,7 +393,7 @@ def _label_problems(array: np.ndarray, spec: TaskSpec) -> list[tuple[str, str]]:
         shown = ", ".join(str(v) for v in unknown[:10])
         return [(ERROR, f"label values {shown} are not in task '{spec.name}' label values ({allowed})")]
     if values.size == 1 and values[0] == 0:
-        return [(WARNING, "label holds only background (0): no foreground in this case")]
+        return [(WARNING, _BACKGROUND_ONLY)]
     return []
 
 

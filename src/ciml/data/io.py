@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import logging
 import os
@@ -104,8 +105,13 @@ def strip_image_suffix(path: str | Path) -> str:
     return name[: len(name) - len(suffix)] if suffix else name
 
 
+def is_hidden(path: str | Path) -> bool:
+    """Hidden files are never data: macOS ``._*`` resource forks (MSD's tars hold one per image), ``.tmp``."""
+    return Path(path).name.startswith(".")
+
+
 def is_image_file(path: str | Path) -> bool:
-    return Path(path).is_file() and image_suffix(path) in IMAGE_SUFFIXES
+    return Path(path).is_file() and not is_hidden(path) and image_suffix(path) in IMAGE_SUFFIXES
 
 
 def read_header(path: str | Path) -> ImageHeader:
@@ -126,18 +132,39 @@ def read_header(path: str | Path) -> ImageHeader:
         return _itk_header(path, reader)
 
 
-def load_image(path: str | Path) -> tuple[np.ndarray, ImageHeader]:
+def load_image(path: str | Path, volume: int | None = None) -> tuple[np.ndarray, ImageHeader]:
     """Voxels and header from one read of the file; the voxels are fully decompressed.
 
     Decompressing everything is the point: a truncated ``.nii.gz`` usually has an intact header and
-    fails only once the data are read.
+    fails only once the data are read. ``volume`` picks one 3D volume of a 4D image (MSD stores a case's
+    modalities as the volumes of one file); the header then describes that volume.
     """
     path = _check_exists(path)
     with _read_errors(path):
         if _is_nifti(path):
-            return _load_nifti(path)
-        image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
-        return _itk_array(image), _itk_header(path, image)
+            array, header = _load_nifti(path)
+        else:
+            image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
+            array, header = _itk_array(image), _itk_header(path, image)
+    return (array, header) if volume is None else select_volume(array, header, volume)
+
+
+def select_volume(array: np.ndarray, header: ImageHeader, volume: int) -> tuple[np.ndarray, ImageHeader]:
+    """Volume ``volume`` of a 4D image (last axis), with a header for that 3D volume.
+
+    Raises:
+        ImageReadError: the image is not 4D or has no such volume.
+    """
+    if array.ndim != 4 or len(header.spacing) != 3:
+        raise ImageReadError(
+            header.path, f"expected a 4D image to take volume {volume} of, got shape {array.shape}"
+        )
+    if not 0 <= volume < array.shape[3]:
+        raise ImageReadError(
+            header.path, f"has {array.shape[3]} volumes (shape {array.shape}), no volume {volume}"
+        )
+    sub = dataclasses.replace(header, shape=tuple(array.shape[:3]))
+    return np.asarray(array[..., volume]), sub
 
 
 def read_nifti_image(path: str | Path) -> nib.Nifti1Image | None:

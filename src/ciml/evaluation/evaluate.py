@@ -1,8 +1,9 @@
 """Score a folder of predicted label maps against reference labels with a challenge's conventions.
 
 Predictions are one label NIfTI per case, ``<case_id>.nii.gz`` (or ``.nii``), in the dataset's own label
-values. References may be laid out the same way, as an nnU-Net dataset (``labelsTr/<case_id>.nii.gz``)
-or as BraTS case folders (``<case_id>/<case_id>_seg.nii.gz``). Spacing comes from the reference header.
+values. References may be laid out the same way, as ``labelsTr``/``labelsTs`` folders, or be any dataset
+the readers of :mod:`ciml.data.layouts` read labels from (BraTS case folders, autoPET studies, MSD,
+nnU-Net, HECKTOR). Spacing comes from the reference header.
 
 Example:
     >>> result = evaluate_folders("preds/", "BraTS2020_TrainingData/", "brats2020")  # doctest: +SKIP
@@ -25,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ciml.data.io import ImageHeader, ImageReadError, load_image
+from ciml.data.layouts import DatasetLayoutError, read_dataset, resolve_task
 from ciml.errors import CimlError
 from ciml.files import refuse_existing, write_text_atomic
 from ciml.metrics import (
@@ -70,7 +72,14 @@ CONVENTIONS: dict[str, Convention] = {
 }
 
 #: Task spec name -> convention; any other task is scored brats-style per region.
-CONVENTION_FOR_TASK = {"brats2020": "brats", "autopet": "autopet", "hecktor2022": "hecktor"}
+CONVENTION_FOR_TASK = {
+    "brats2020": "brats",
+    "brats2023": "brats",
+    "brats2024": "brats",
+    "msd_braintumour": "brats",
+    "autopet": "autopet",
+    "hecktor2022": "hecktor",
+}
 DEFAULT_CONVENTION = "brats"
 
 
@@ -107,35 +116,52 @@ def nifti_files(folder: str | Path) -> dict[str, Path]:
     return found
 
 
-def _brats_seg(case_dir: Path) -> Path | None:
-    """``<case>/<case>_seg.nii(.gz)``, or the lone ``*_Segm.nii`` of the Kaggle copy's case 355."""
-    for suffix in NIFTI_SUFFIXES:
-        path = case_dir / f"{case_dir.name}_seg{suffix}"
-        if path.is_file():
-            return path
-    aliases = [p for p in case_dir.iterdir() if p.name.endswith(("_Segm.nii", "_Segm.nii.gz"))]
-    return aliases[0] if len(aliases) == 1 else None
+def reference_files(
+    folder: str | Path,
+    spec: TaskSpec | str | None = None,
+    *,
+    predicted: Iterable[str] | None = None,
+    layout: str = "auto",
+) -> dict[str, Path]:
+    """Case id -> reference label file, wherever the dataset readers find labels.
 
-
-def reference_files(folder: str | Path) -> dict[str, Path]:
-    """Case id -> reference label file, for a flat folder, an nnU-Net dataset or BraTS case folders.
-
-    Tried in order: ``<case_id>.nii.gz`` files in ``folder`` (also an nnU-Net ``labelsTr`` folder
-    itself), ``folder/labelsTr/<case_id>.nii.gz``, then ``folder/<case_id>/<case_id>_seg.nii.gz``.
+    Tried in order: ``<case_id>.nii.gz`` files in ``folder`` (e.g. an nnU-Net ``labelsTr`` or ``labelsTs``
+    folder itself); ``folder/labelsTs`` or ``folder/labelsTr`` (the one holding every ``predicted`` case,
+    else labelsTr); then the labels of ``folder`` read as a dataset in any layout with ``spec``
+    (BraTS ``<case>/<case>_seg.nii.gz`` or ``-seg``, autoPET ``PATIENT/STUDY/SEG.nii.gz``, MSD, ...).
+    Hidden files (macOS ``._*``) are never references.
     """
     folder = Path(folder)
     found = nifti_files(folder)
-    if not found and (folder / "labelsTr").is_dir():
-        found = nifti_files(folder / "labelsTr")
     if not found:
-        segs = {d.name: _brats_seg(d) for d in sorted(folder.iterdir()) if d.is_dir()}
-        found = {case_id: path for case_id, path in segs.items() if path is not None}
+        found = _labels_folder_files(folder, set(predicted) if predicted is not None else None)
+    if not found and spec is not None:
+        found = _dataset_labels(folder, load_task(spec), layout)
     if not found:
         raise EvaluationError(
-            f"{folder}: no reference labels found (expected <case>.nii.gz files, a labelsTr folder, "
-            "or BraTS case folders <case>/<case>_seg.nii.gz)"
+            f"{folder}: no reference labels found (expected <case>.nii.gz files, a labelsTr/labelsTs "
+            "folder, or a dataset whose cases have labels, e.g. BraTS case folders <case>/<case>_seg.nii.gz "
+            "or autoPET study folders with SEG.nii.gz)"
         )
     return found
+
+
+def _labels_folder_files(folder: Path, predicted: set[str] | None) -> dict[str, Path]:
+    candidates = [nifti_files(folder / n) for n in ("labelsTr", "labelsTs") if (folder / n).is_dir()]
+    candidates = [c for c in candidates if c]
+    if predicted is not None:
+        covering = [c for c in candidates if predicted <= set(c)]
+        candidates = covering + [c for c in candidates if c not in covering]
+    return candidates[0] if candidates else {}
+
+
+def _dataset_labels(folder: Path, spec: TaskSpec, layout: str) -> dict[str, Path]:
+    try:
+        cases = read_dataset(folder, spec, layout)
+    except DatasetLayoutError as exc:
+        where = "" if exc.path == folder else f"{exc.path}: "
+        raise EvaluationError(f"{folder}: no reference labels found: {where}{exc.reason}") from None
+    return {c.case_id: c.label for c in cases if c.label is not None and c.label.is_file()}
 
 
 def _listing(names: Iterable[str], limit: int = 10) -> str:
@@ -367,26 +393,33 @@ def check_outputs(paths: Iterable[str | Path], overwrite: bool = False) -> None:
 def evaluate_folders(
     pred_dir: str | Path,
     ref_dir: str | Path,
-    spec: TaskSpec | str,
+    spec: TaskSpec | str | None = None,
     convention: str | None = None,
     progress: bool = False,
+    layout: str = "auto",
 ) -> EvaluationResult:
     """Score every predicted case against its reference.
 
     Args:
         pred_dir: folder of ``<case_id>.nii.gz`` (or ``.nii``) label maps in the dataset's label values.
-        ref_dir: references: same layout, an nnU-Net dataset with ``labelsTr``, or BraTS case folders.
-        spec: task spec or its name; its regions are scored and its label values checked.
+        ref_dir: references: same layout, or any dataset whose labels :func:`reference_files` finds.
+        spec: task spec or its name; its regions are scored and its label values checked. None: the
+            spec built from the nnU-Net ``dataset.json`` of ``ref_dir``.
+        layout: layout of ``ref_dir`` when it is read as a dataset (default: detected).
         convention: brats, autopet or hecktor; default from the task name (other tasks: brats).
         progress: show a progress bar over cases.
 
     Raises:
         EvaluationError: case lists differ, a file is unreadable, grids differ, or labels are unknown.
     """
-    spec = load_task(spec)
-    conv = resolve_convention(spec, convention)
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
-    preds, refs = nifti_files(pred_dir), reference_files(ref_dir)
+    try:
+        spec = resolve_task(spec, ref_dir, layout)
+    except DatasetLayoutError as exc:
+        raise EvaluationError(str(exc)) from None
+    conv = resolve_convention(spec, convention)
+    preds = nifti_files(pred_dir)
+    refs = reference_files(ref_dir, spec, predicted=preds, layout=layout)
     check_same_cases(preds, refs, pred_dir, ref_dir)
     cases = {}
     for case_id in tqdm(sorted(preds), desc="evaluate", unit="case", disable=not progress):

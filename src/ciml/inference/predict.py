@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 from ciml.data.cases import Case
 from ciml.data.io import strip_image_suffix
-from ciml.data.layouts import read_dataset
+from ciml.data.layouts import CHANNEL_LAYOUTS, detect_layout, read_dataset
 from ciml.data.preprocessing import PreprocessingPlan, invert_to_original, preprocess_case
 from ciml.devices import resolve_device
 from ciml.errors import CimlError, ParameterError
@@ -121,12 +122,14 @@ class Predictor:
         models: Sequence[nn.Module],
         patch_size: Sequence[int],
         settings: InferenceSettings | None = None,
+        run_info: Mapping[str, Any] | None = None,
     ) -> None:
         if not models:
             raise CimlError("a predictor needs at least one network")
         self.spec, self.plan, self.models = spec, plan, list(models)
         self.patch_size = tuple(int(p) for p in patch_size)
         self.settings = settings or InferenceSettings()
+        self.run_info = dict(run_info or {})
         check_step(self.settings.step)
         self.device = resolve_device(self.settings.device)
         for model in self.models:
@@ -144,7 +147,7 @@ class Predictor:
         trained = load_trained_run(
             run, settings.folds, settings.checkpoint, settings.device, settings.patch_size
         )
-        return cls(trained.spec, trained.plan, trained.models, trained.patch_size, settings)
+        return cls(trained.spec, trained.plan, trained.models, trained.patch_size, settings, trained.info)
 
     # ------------------------------------------------------------------------------- modality subsets
 
@@ -431,6 +434,7 @@ def predict_folder(
     overwrite: bool = False,
     progress: bool = True,
     callbacks: PredictionCallbacks | None = None,
+    channels: Mapping[str, int] | None = None,
 ) -> list[CaseResult]:
     """Predict every case of a dataset folder (or CSV list) in any supported layout.
 
@@ -445,9 +449,13 @@ def predict_folder(
         overwrite: replace existing outputs (default: keep them and skip finished cases).
         progress: progress bar and per-case times.
         callbacks: see :class:`PredictionCallbacks`.
+        channels: modality -> channel id of an nnU-Net/MSD input whose channel names do not say it;
+            default: the mapping the run was trained with, if any.
     """
     predictor = Predictor.from_run(run, settings)
-    cases = read_dataset(input_path, predictor.spec, layout)
+    if channels is None and (layout if layout != "auto" else detect_layout(input_path)) in CHANNEL_LAYOUTS:
+        channels = predictor.run_info.get("train", {}).get("channels")
+    cases = read_dataset(input_path, predictor.spec, layout, channels=channels)
     return predict_cases(
         predictor,
         cases,

@@ -248,7 +248,8 @@ def cases_section(
     """Overlays of the first ``max_cases`` evaluated cases, on the slice with the most reference tumour."""
     if result is None or pred_dir is None or ref_dir is None:
         return {"images": [], "missing": reason}
-    predictions, references = nifti_files(pred_dir), reference_files(ref_dir)
+    predictions = nifti_files(pred_dir)
+    references = reference_files(ref_dir, spec, predicted=predictions)
     label_values = [v for v in spec.label_values if v != 0]
     images = []
     for case_id in list(result.cases)[:max_cases]:

@@ -26,7 +26,7 @@ MODALITY_TYPES = ("mri", "ct", "pet", "synthetic")
 #: A voxel belongs to a region when the region's probability exceeds this (training, prediction, explanation).
 REGION_THRESHOLD = 0.5
 _REQUIRED_KEYS = ("name", "modalities", "regions", "decomposition", "assembly")
-_OPTIONAL_KEYS = ("fallback_owners", "description", "training")
+_OPTIONAL_KEYS = ("fallback_owners", "description", "training", "labels")
 _TRAINING_KEYS = {"patch_size": int, "batch_size": int, "widths": int, "target_spacing": float}
 
 
@@ -54,6 +54,9 @@ class TaskSpec:
         assembly: painting order that turns regions back into a label map; later steps override.
         fallback_owners: region -> modalities whose segmentors may stand in when every owner is missing.
         training: default training sizes for this dataset (patch_size, batch_size, widths, target_spacing).
+        label_names: label value -> what it means (``labels:`` in YAML). Datasets that name their labels
+            (MSD and nnU-Net ``dataset.json``) are refused when their names disagree: BraTS 2020, BraTS
+            2023 and MSD use the same small integers for different tissues.
     """
 
     name: str
@@ -63,6 +66,7 @@ class TaskSpec:
     assembly: tuple[AssemblyStep, ...]
     fallback_owners: dict[str, tuple[str, ...]] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    label_names: dict[int, str] = field(default_factory=dict)
 
     @property
     def modality_names(self) -> tuple[str, ...]:
@@ -96,6 +100,8 @@ class TaskSpec:
             out["fallback_owners"] = {k: list(v) for k, v in self.fallback_owners.items()}
         if self.training:
             out["training"] = dict(self.training)
+        if self.label_names:
+            out["labels"] = {str(v): n for v, n in self.label_names.items()}  # JSON keys are strings
         return out
 
     @classmethod
@@ -135,7 +141,10 @@ def _parse(data: Mapping[str, Any], source: str) -> TaskSpec:
     assembly = _parse_assembly(data["assembly"], regions, source)
     fallback = _parse_fallback(data.get("fallback_owners") or {}, modalities, regions, source)
     training = _parse_training(data.get("training") or {}, source)
-    spec = TaskSpec(str(data["name"]), modalities, regions, decomposition, assembly, fallback, training)
+    names = _parse_label_names(data.get("labels") or {}, regions, source)
+    spec = TaskSpec(
+        str(data["name"]), modalities, regions, decomposition, assembly, fallback, training, names
+    )
     _check_assembly_round_trip(spec, source)
     return spec
 
@@ -265,6 +274,22 @@ def _parse_training(raw: Any, source: str) -> dict[str, Any]:
             raise _fail(source, f"training.{key}", f"must be whole numbers, got {value!r}")
         out[str(key)] = [kind(v) for v in values] if isinstance(value, list) else kind(value)
     return out
+
+
+def _parse_label_names(raw: Any, regions: dict[str, tuple[int, ...]], source: str) -> dict[int, str]:
+    if not isinstance(raw, Mapping):
+        raise _fail(source, "labels", "must map label values to their names, e.g. {1: NCR, 2: SNFH, 3: ET}")
+    known = {0} | {v for values in regions.values() for v in values}
+    out = {}
+    for value, name in raw.items():
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise _fail(source, f"labels.{value}", "keys must be label values (integers)") from None
+        if number not in known:
+            raise _fail(source, f"labels.{value}", f"not a label value of any region ({sorted(known)})")
+        out[number] = str(name)
+    return dict(sorted(out.items()))
 
 
 def _check_assembly_round_trip(spec: TaskSpec, source: str) -> None:

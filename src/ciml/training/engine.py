@@ -25,7 +25,7 @@ import torch.distributed as dist
 from ciml import __version__
 from ciml.data.cases import Case
 from ciml.data.integrity import ensure_dataset_ok
-from ciml.data.layouts import read_dataset
+from ciml.data.layouts import read_dataset, resolve_task
 from ciml.data.preprocessing import PreprocessedCache, PreprocessedCase, PreprocessingPlan, plan_preprocessing
 from ciml.data.sampling import random_mirror, sample_patches
 from ciml.devices import resolve_device
@@ -37,7 +37,7 @@ from ciml.metrics import dice
 from ciml.models import MissingModalities, SegmentationNetwork, build_model
 from ciml.runs import RunFolder
 from ciml.runs.log import RunLogger
-from ciml.tasks import REGION_THRESHOLD, TaskSpec, load_task
+from ciml.tasks import REGION_THRESHOLD, TaskSpec
 from ciml.training.loop import Batch, StepCallback, TrainConfig, Trainer
 
 CPU_DEFAULTS = {"patch_size": (64, 64, 64), "batch_size": 2, "widths": (16, 32, 64, 128)}
@@ -52,7 +52,7 @@ class TrainSettings:
     resolved (:func:`resolve_settings`), which returns new settings and never changes these.
     """
 
-    task: str
+    task: str | None
     data: Path
     out: Path
     model: str = "ciml"
@@ -81,6 +81,7 @@ class TrainSettings:
     resume: bool = False
     tensorboard: bool = False
     progress: bool = True
+    channels: dict[str, int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -291,16 +292,29 @@ def train(settings: TrainSettings, callbacks: Sequence[StepCallback] = ()) -> Ru
     ``callbacks`` run after every step, after the run's own (logging, checkpoints).
     """
     rank, world, device = _init_distributed(settings.device)
-    spec = load_task(settings.task)
+    spec = resolve_task(settings.task, settings.data, settings.layout)
     run = RunFolder(settings.out)
     _check_run_folder(run, settings)
-    cases = read_dataset(settings.data, spec, settings.layout)
+    cases = read_dataset(settings.data, spec, settings.layout, channels=settings.channels)
+    refuse_unlabelled(cases, settings.data)
     ensure_dataset_ok(
         cases, spec, source=settings.data, require_labels=True, progress=settings.progress and rank == 0
     )
     lock = folder_lock(run.fold_dir(settings.fold)) if rank == 0 else contextlib.nullcontext()
     with lock:
         return _train_checked(settings, spec, run, cases, rank, world, device, callbacks)
+
+
+def refuse_unlabelled(cases: Sequence[Case], data: Path, shown: int = 10) -> None:
+    """Training needs a label for every case: name the ones without, before anything is written."""
+    unlabelled = [c.case_id for c in cases if c.label is None or not Path(c.label).exists()]
+    if unlabelled:
+        more = f", ... ({len(unlabelled) - shown} more)" if len(unlabelled) > shown else ""
+        raise CimlError(
+            f"{data}: {len(unlabelled)} of {len(cases)} cases have no label file, and training needs one for "
+            f"every case: {', '.join(unlabelled[:shown])}{more}. Point data at the labelled cases only "
+            "(e.g. the training folder, not its validation sibling), or list them in a CSV"
+        )
 
 
 def _train_checked(

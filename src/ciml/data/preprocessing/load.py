@@ -19,7 +19,7 @@ from monai.data import MetaTensor
 from monai.transforms import ResampleToMatch
 
 from ciml.data.cases import Case
-from ciml.data.io import ImageHeader, ImageReadError, load_image, read_header
+from ciml.data.io import ImageHeader, ImageReadError, load_image, read_header, select_volume
 from ciml.data.preprocessing.plan import PreprocessingError
 from ciml.tasks.spec import TaskSpec
 
@@ -28,18 +28,28 @@ GRID_ATOL = 1e-3
 _Read = TypeVar("_Read")
 
 
-def load_volume(path: str | Path) -> MetaTensor:
+def load_volume(path: str | Path, volume: int | None = None) -> MetaTensor:
     """One 3D image as a ``[1, X, Y, Z]`` float32 MetaTensor with its RAS affine.
 
     The voxels and affine come from :func:`ciml.data.io.load_image`, the reader check-data uses, so
     training and prediction refuse exactly the files check-data refuses; MONAI's spatial transforms
-    need the affine on the tensor, hence the MetaTensor.
+    need the affine on the tensor, hence the MetaTensor. ``volume`` picks one volume of a 4D file (MSD
+    keeps a case's modalities in one file).
 
     Raises:
         PreprocessingError: the reader refuses the file (its message), or the file is not one 3D image
-            or holds NaN/inf.
+            (4D with ``volume``) or holds NaN/inf.
     """
-    array, header = _read(load_image, path)
+    return _as_volume(*_read(load_image, path), volume)
+
+
+def _as_volume(array: np.ndarray, header: ImageHeader, volume: int | None) -> MetaTensor:
+    """A file's voxels (all volumes) as the MetaTensor of one 3D volume, checked."""
+    if volume is not None:
+        try:
+            array, header = select_volume(array, header, volume)
+        except ImageReadError as exc:
+            raise PreprocessingError(str(exc)) from None
     volume = _single_volume(array, header)
     if not np.isfinite(volume).all():
         raise PreprocessingError(f"{header.path}: contains NaN or infinite values")
@@ -105,13 +115,21 @@ def _body_mask(values: np.ndarray, kind: str, ct_threshold: float) -> np.ndarray
 
 def load_case(case: Case, spec: TaskSpec, ct_threshold: float, allow_missing: bool) -> LoadedCase:
     present = present_modalities(case, spec, allow_missing)
-    reference = load_volume(case.images[present[0]])
+    files: dict[Path, tuple[np.ndarray, ImageHeader]] = {}  # a 4D file (MSD) is read once per case
+
+    def load(m: str) -> MetaTensor:
+        path = Path(case.images[m])
+        if path not in files:
+            files[path] = _read(load_image, path)
+        return _as_volume(*files[path], case.volumes.get(m))
+
+    reference = load(present[0])
     channels, bodies = [], {}
     for m, kind in spec.modalities.items():
         if m not in present:
             channels.append(np.zeros(reference.shape[1:], dtype=np.float32))
             continue
-        vol = reference if m == present[0] else load_volume(case.images[m])
+        vol = reference if m == present[0] else load(m)
         if not _same_grid(vol, reference):
             # Outside a modality's field of view: air for CT, no signal for the others.
             padding = "border" if kind == "ct" else "zeros"
