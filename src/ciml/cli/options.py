@@ -35,7 +35,9 @@ def add_task(parser: argparse.ArgumentParser, required: bool = False, **kwargs) 
     parser.add_argument("--task", required=required, **kwargs)
 
 
-def add_dataset_arguments(parser: argparse.ArgumentParser, *, task: bool = True, what: str = "the dataset") -> None:
+def add_dataset_arguments(
+    parser: argparse.ArgumentParser, *, task: bool = True, what: str = "the dataset"
+) -> None:
     """``--task`` (optional), ``--layout`` and ``--channels``: how a dataset is read."""
     if task:
         add_task(parser)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ciml.cli.options import add_dataset_arguments, add_device, add_overwrite, add_progress, channel_flags, finish
+from ciml.cli.options import (
+    add_dataset_arguments,
+    add_device,
+    add_overwrite,
+    add_progress,
+    channel_flags,
+    finish,
+)
 from ciml.errors import CimlError
 from ciml.inference.predict import InferenceSettings, predict_files, predict_folder
 from ciml.inferers import DEFAULT_STEP
