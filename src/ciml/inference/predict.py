@@ -12,7 +12,8 @@ modalities' segmentors are skipped and their messages sit at the gates' "no info
 predicted by the present fallback owners the spec names (``fallback_owners``: those segmentors have extra
 output channels for it); with none present either it is not predictable, and prediction stops with a
 message naming it and its owners instead of inventing a mask. Networks on stacked modalities (joint,
-segresnet) need every modality and say so.
+segresnet) trained with modality dropout run with the absent channels zero-filled; otherwise they need
+every modality and say so.
 
 Example:
     >>> results = predict_folder("runs/brats", "BraTS2020_ValidationData", "preds")  # doctest: +SKIP
@@ -228,9 +229,11 @@ class Predictor:
 
     def missing_modality_error(self, present: Sequence[str]) -> CimlError | None:
         """Why this run's network cannot run on ``present`` at all (None when it can)."""
-        if set(present) == set(self.spec.modality_names) or isinstance(self.models[0], CIMLNet):
-            return None
         model = self.models[0]
+        if set(present) == set(self.spec.modality_names) or isinstance(model, CIMLNet):
+            return None
+        if getattr(model, "zero_fill_missing", False):
+            return None  # trained with modality dropout: absent channels are zero-filled
         probe = torch.zeros((1, len(self.spec.modality_names), 1, 1, 1), device=self.device)
         try:  # stacked-modality networks check ``present`` before touching the input: their own message
             with torch.inference_mode():

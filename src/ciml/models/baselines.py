@@ -1,7 +1,10 @@
 """Networks that see all modalities stacked as channels: the joint U-Net and MONAI's SegResNet.
 
-Both predict every region from one network ("joint learning", nnU-Net's region-based setup), so they
-cannot run when a modality is missing; they say so instead of inventing the channel.
+Both predict every region from one network ("joint learning", nnU-Net's region-based setup). By default
+they cannot run when a modality is missing and say so instead of inventing the channel. Built with
+``zero_fill_missing`` (``ciml train --modality-dropout`` does so, since its batches zero the dropped
+channels), they run on any subset with the absent channels set to zero: the standard missing-modality
+baseline, so the 15-subset comparison with CIML is like for like.
 """
 
 from __future__ import annotations
@@ -22,24 +25,34 @@ class StackedModalityNet(nn.Module):
 
     segmentor_name = "joint"
 
-    def __init__(self, network: nn.Module, modalities: Sequence[str], regions: Sequence[str]) -> None:
+    def __init__(
+        self,
+        network: nn.Module,
+        modalities: Sequence[str],
+        regions: Sequence[str],
+        zero_fill_missing: bool = False,
+    ) -> None:
         super().__init__()
         self.network = network
         self.modalities = tuple(modalities)
         self.regions = tuple(regions)
+        self.zero_fill_missing = zero_fill_missing
 
     def forward(
         self, x: torch.Tensor, present: Iterable[str] | None = None, **_: object
     ) -> SegmentationOutput:
-        if present is not None and set(present) != set(self.modalities):
-            missing = sorted(set(self.modalities) - set(present))
-            raise CimlError(
-                f"the {self.segmentor_name} model needs every modality and cannot run without "
-                f"{', '.join(missing)}; "
-                "use a CIML model for missing-modality inference"
-            )
         if x.shape[1] != len(self.modalities):
             raise CimlError(f"input has {x.shape[1]} channels but the model expects {len(self.modalities)}")
+        if present is not None and set(present) != set(self.modalities):
+            missing = [i for i, m in enumerate(self.modalities) if m not in set(present)]
+            if not self.zero_fill_missing:
+                raise CimlError(
+                    f"the {self.segmentor_name} model needs every modality and cannot run without "
+                    f"{', '.join(self.modalities[i] for i in missing)}; train it with --modality-dropout "
+                    "(absent channels zero-filled) or use a CIML model for missing-modality inference"
+                )
+            x = x.clone()
+            x[:, missing] = 0.0  # what training with modality dropout showed it for a dropped modality
         logits = self.network(x)
         return SegmentationOutput(
             logits={self.segmentor_name: logits},
@@ -52,9 +65,15 @@ class JointUNet(StackedModalityNet):
     """One U-Net on all modalities stacked as channels, all regions."""
 
     def __init__(
-        self, modalities: Sequence[str], regions: Sequence[str], widths: Sequence[int], spatial_dims: int
+        self,
+        modalities: Sequence[str],
+        regions: Sequence[str],
+        widths: Sequence[int],
+        spatial_dims: int,
+        zero_fill_missing: bool = False,
     ):
-        super().__init__(UNet(len(modalities), len(regions), widths, spatial_dims), modalities, regions)
+        network = UNet(len(modalities), len(regions), widths, spatial_dims)
+        super().__init__(network, modalities, regions, zero_fill_missing)
 
 
 class SegResNetPeer(StackedModalityNet):
@@ -63,7 +82,12 @@ class SegResNetPeer(StackedModalityNet):
     segmentor_name = "segresnet"
 
     def __init__(
-        self, modalities: Sequence[str], regions: Sequence[str], widths: Sequence[int], spatial_dims: int
+        self,
+        modalities: Sequence[str],
+        regions: Sequence[str],
+        widths: Sequence[int],
+        spatial_dims: int,
+        zero_fill_missing: bool = False,
     ):
         levels = len(widths)
         network = SegResNet(
@@ -75,4 +99,4 @@ class SegResNetPeer(StackedModalityNet):
             blocks_up=(1,) * (levels - 1),
             norm=("GROUP", {"num_groups": min(8, widths[0])}),
         )
-        super().__init__(network, modalities, regions)
+        super().__init__(network, modalities, regions, zero_fill_missing)

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from ciml.errors import CimlError
-from ciml.models.baselines import JointUNet, SegResNetPeer
+from ciml.models.baselines import JointUNet, SegResNetPeer, StackedModalityNet
 from ciml.models.ciml import CIMLNet
 from ciml.tasks import TaskSpec, load_task
 
@@ -98,10 +98,14 @@ def build_model(
     widths: Sequence[int] = DEFAULT_WIDTHS,
     spatial_dims: int = 3,
     message_levels: Sequence[int] | None = None,
+    zero_fill_missing: bool = False,
 ) -> nn.Module:
     """Build a named network for ``task``.
 
     ``model.config`` holds what rebuilds it (see :func:`model_from_config`).
+    ``zero_fill_missing`` lets networks on stacked modalities (joint, segresnet) run without some
+    modalities, their channels zeroed (for models trained with modality dropout); CIML-family networks
+    skip a missing modality's segmentor anyway and ignore it.
 
     Raises:
         CimlError: unknown model name or invalid settings.
@@ -122,6 +126,9 @@ def build_model(
         "spatial_dims": spatial_dims,
         "message_levels": None if message_levels is None else list(message_levels),
     }
+    if zero_fill_missing and isinstance(model, StackedModalityNet):
+        model.zero_fill_missing = True
+        model.config["zero_fill_missing"] = True  # absent from older configs: they refuse missing inputs
     model.fixed_beta = MODELS[name].fixed_beta
     return model
 
@@ -129,7 +136,12 @@ def build_model(
 def model_from_config(config: dict[str, Any]) -> nn.Module:
     """Rebuild a network from ``model.config`` (as stored in checkpoints)."""
     return build_model(
-        config["name"], config["task"], config["widths"], config["spatial_dims"], config.get("message_levels")
+        config["name"],
+        config["task"],
+        config["widths"],
+        config["spatial_dims"],
+        config.get("message_levels"),
+        zero_fill_missing=bool(config.get("zero_fill_missing", False)),
     )
 
 

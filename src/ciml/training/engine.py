@@ -36,8 +36,8 @@ from ciml.locks import folder_lock
 from ciml.metrics import dice
 from ciml.models import CIMLNet, build_model
 from ciml.runs import RunFolder
-from ciml.tasks import TaskSpec, load_task
 from ciml.runs.log import RunLogger
+from ciml.tasks import TaskSpec, load_task
 from ciml.training.loop import Batch, TrainConfig, Trainer
 
 CPU_DEFAULTS = {"patch_size": (64, 64, 64), "batch_size": 2, "widths": (16, 32, 64, 128)}
@@ -299,7 +299,14 @@ def _train_checked(
     by_id = {c.case_id: c for c in cases}
 
     torch.manual_seed(settings.seed)
-    model = build_model(settings.model, spec, widths=settings.widths, spatial_dims=3)
+    # dropped channels are zeroed in the batches of stacked-channel models: they then run zero-filled
+    model = build_model(
+        settings.model,
+        spec,
+        widths=settings.widths,
+        spatial_dims=3,
+        zero_fill_missing=settings.modality_dropout > 0,
+    )
     plan = _load_or_make_plan(run, cases, spec, settings)
     cache = PreprocessedCache(run.path / "preprocessed", spec, plan)
     if rank == 0:
