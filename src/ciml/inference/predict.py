@@ -15,6 +15,12 @@ message naming it and its owners instead of inventing a mask. Networks on stacke
 segresnet) trained with modality dropout run with the absent channels zero-filled; otherwise they need
 every modality and say so.
 
+**Case folders with files missing** (as in BraSyn's test data, where each case lacks one MRI contrast).
+Before the first case, every case's modality files are looked for. A missing file stops prediction with
+one line naming the files and the ``--modalities`` that every case has; with ``allow_missing`` each case
+is predicted from the modalities it has (within ``modalities``), and ``<case_id>_modalities.json``
+beside its label map records which were used and which were missing.
+
 Example:
     >>> results = predict_folder("runs/brats", "BraTS2020_ValidationData", "preds")  # doctest: +SKIP
     >>> predictor = Predictor.from_run("runs/brats", InferenceSettings(tta=True))  # doctest: +SKIP
@@ -42,6 +48,7 @@ from ciml.data.layouts import read_dataset
 from ciml.data.preprocessing import PreprocessingPlan, invert_to_original, preprocess_case
 from ciml.devices import resolve_device
 from ciml.errors import CimlError
+from ciml.files import write_json_atomic
 from ciml.inference.writing import (
     LABEL_SUFFIX,
     PROBABILITIES_SUFFIX,
@@ -61,6 +68,9 @@ THRESHOLD = 0.5
 #: probabilities and the label map of case N (counting from 1).
 KILL_AFTER_CASES_VARIABLE = "CIML_TEST_KILL_AFTER_CASES"
 KILL_BEFORE_LABEL_VARIABLE = "CIML_TEST_KILL_BEFORE_LABEL_OF_CASE"
+MODALITIES_SUFFIX = "_modalities.json"
+#: Missing files named in full in the one-line message before it summarises the rest.
+_LISTED_MISSING = 3
 
 
 @dataclass(frozen=True)
@@ -328,6 +338,45 @@ def output_paths(output_dir: str | Path, case_id: str) -> tuple[Path, Path]:
     return folder / f"{case_id}{LABEL_SUFFIX}", folder / f"{case_id}{PROBABILITIES_SUFFIX}"
 
 
+def modalities_path(output_dir: str | Path, case_id: str) -> Path:
+    """``<case_id>_modalities.json``: which modalities predicted the case (``allow_missing`` runs)."""
+    return output_paths(output_dir, case_id)[0].with_name(f"{case_id}{MODALITIES_SUFFIX}")
+
+
+def available_modalities(case: Case, wanted: Sequence[str]) -> tuple[str, ...]:
+    """The modalities of ``wanted`` whose file (or DICOM folder) exists for ``case``, in ``wanted`` order."""
+    return tuple(m for m in wanted if m in case.images and Path(case.images[m]).exists())
+
+
+def _missing_files_error(
+    predictor: Predictor,
+    cases: Sequence[Case],
+    present: Sequence[str],
+    available: Mapping[str, Sequence[str]],
+) -> CimlError:
+    """One line: the missing files, then the ``--modalities`` every case has (if it predicts every region)."""
+    lacking = [(c, [m for m in present if m not in available[c.case_id]]) for c in cases]
+    lacking = [(c, ms) for c, ms in lacking if ms]
+    files = [f"{c.images[m]}" if m in c.images else f"{c.case_id}: {m}" for c, ms in lacking for m in ms]
+    listed = ", ".join(files[:_LISTED_MISSING]) + (
+        f" and {len(files) - _LISTED_MISSING} more" if len(files) > _LISTED_MISSING else ""
+    )
+    common = [m for m in present if all(m in available[c.case_id] for c in cases)]
+    usable = bool(common) and predictor.missing_modality_error(common) is None
+    usable = usable and not predictor.unpredictable_regions(common)
+    advice = (
+        f"predict every case without them with --modalities {','.join(common)}, or each case from the "
+        "modalities it has with --allow-missing"
+        if usable
+        else "no one --modalities fits every case; predict each case from the modalities it has with "
+        "--allow-missing"
+    )
+    return CimlError(
+        f"{len(lacking)} of {len(cases)} case(s) lack modality files "
+        f"({len(files)} missing: {listed}); {advice}"
+    )
+
+
 def _restricted(case: Case, present: Sequence[str]) -> Case:
     """The case with only the present modalities' files and no label (prediction reads nothing else)."""
     lacking = [m for m in present if m not in case.images]
@@ -347,11 +396,13 @@ def predict_case(
     modalities: Iterable[str] | None = None,
     save_probabilities: bool = False,
     overwrite: bool = False,
+    record_modalities: bool = False,
 ) -> CaseResult:
     """Predict one case and write ``<case_id>.nii.gz`` (and its probabilities) into ``output_dir``.
 
     Outputs that exist are kept unless ``overwrite``; a case whose outputs all exist is skipped. The label
-    map is written last, so its presence marks a finished case.
+    map is written last, so its presence marks a finished case. ``record_modalities`` also writes
+    ``<case_id>_modalities.json`` (the modalities used and those missing) before the label map.
 
     Raises:
         CimlError: unreadable inputs, a modality subset the run cannot predict every region from, or a
@@ -362,7 +413,9 @@ def predict_case(
     present = predictor.present_modalities(modalities)
     predictor.check(present)
     label_path, probabilities_path = output_paths(output_dir, case.case_id)
+    sidecar = modalities_path(output_dir, case.case_id)
     wanted = [label_path] + ([probabilities_path] if save_probabilities else [])
+    wanted += [sidecar] if record_modalities else []
     todo = [p for p in wanted if overwrite or not p.exists()]
     if not todo:
         return CaseResult(case.case_id, tuple(wanted), 0.0, skipped=True)
@@ -375,6 +428,9 @@ def predict_case(
     del pre
     if probabilities_path in todo:
         write_probabilities(probabilities, probabilities_path, affine, reference)
+    if sidecar in todo:
+        missing = [m for m in spec.modality_names if m not in present]
+        write_json_atomic(sidecar, {"case_id": case.case_id, "modalities": list(present), "missing": missing})
     _test_kill(KILL_BEFORE_LABEL_VARIABLE)
     if label_path in todo:
         write_label_map(spec.regions_to_labels(probabilities > THRESHOLD), label_path, affine, reference)
@@ -390,17 +446,44 @@ def predict_cases(
     save_probabilities: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    allow_missing: bool = False,
 ) -> list[CaseResult]:
-    """Predict every case into ``output_dir`` (created if needed), printing each case's time."""
+    """Predict every case into ``output_dir`` (created if needed), printing each case's time.
+
+    Args:
+        modalities: predict from these (default: all the task's).
+        allow_missing: predict each case from those of ``modalities`` whose files it has, and record them
+            in ``<case_id>_modalities.json``; otherwise a missing file stops everything before the first
+            case, with the ``--modalities`` that every case has.
+
+    Raises:
+        CimlError: before any case is predicted: missing files (without ``allow_missing``), a case with
+            none of the modalities, or a subset the run cannot predict every region from.
+    """
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise CimlError(f"{output_dir}: exists and is not a folder")
     present = predictor.present_modalities(modalities)
-    predictor.check(present)  # fail before the first case, not after it
     for case in cases:
         output_paths(output_dir, case.case_id)
+    available = {c.case_id: available_modalities(c, present) for c in cases}
+    if not allow_missing:
+        predictor.check(present)  # fail before the first case, not after it
+        if any(len(a) < len(present) for a in available.values()):
+            raise _missing_files_error(predictor, cases, present, available)
+    else:
+        for case in cases:  # every case's subset, checked before the first case
+            if not available[case.case_id]:
+                raise CimlError(f"case {case.case_id}: none of {', '.join(present)} has a file")
+            try:
+                predictor.check(available[case.case_id])
+            except CimlError as exc:
+                raise CimlError(f"case {case.case_id}: {exc}") from None
+    subsets = {c.case_id: available[c.case_id] if allow_missing else present for c in cases}
     with folder_lock(output_dir):
-        return _predict_locked(predictor, cases, output_dir, present, save_probabilities, overwrite, progress)
+        return _predict_locked(
+            predictor, cases, output_dir, subsets, save_probabilities, overwrite, progress, allow_missing
+        )
 
 
 def _test_kill(variable: str) -> None:
@@ -419,10 +502,11 @@ def _predict_locked(
     predictor: Predictor,
     cases: Sequence[Case],
     output_dir: Path,
-    present: Sequence[str],
+    subsets: Mapping[str, Sequence[str]],
     save_probabilities: bool,
     overwrite: bool,
     progress: bool,
+    record_modalities: bool,
 ) -> list[CaseResult]:
     """The loop of :func:`predict_cases`, run while holding the output folder's lock."""
     results = []
@@ -432,9 +516,10 @@ def _predict_locked(
             predictor,
             case,
             output_dir,
-            modalities=present,
+            modalities=subsets[case.case_id],
             save_probabilities=save_probabilities,
             overwrite=overwrite,
+            record_modalities=record_modalities,
         )
         results.append(result)
         if not result.skipped:
@@ -445,7 +530,8 @@ def _predict_locked(
                 if result.skipped
                 else f"{result.seconds:.1f} s"
             )
-            bar.write(f"{case.case_id}: {done}")
+            used = f" from {'+'.join(subsets[case.case_id])}" if record_modalities else ""
+            bar.write(f"{case.case_id}: {done}{used}")
     return results
 
 
@@ -460,6 +546,7 @@ def predict_folder(
     save_probabilities: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    allow_missing: bool = False,
 ) -> list[CaseResult]:
     """Predict every case of a dataset folder (or CSV list) in any supported layout.
 
@@ -473,6 +560,8 @@ def predict_folder(
         save_probabilities: also write float32 region probabilities ``[X, Y, Z, R]``.
         overwrite: replace existing outputs (default: keep them and skip finished cases).
         progress: progress bar and per-case times.
+        allow_missing: predict each case from the modalities whose files it has (see
+            :func:`predict_cases`).
     """
     run = run if isinstance(run, RunFolder) else RunFolder(run)
     cases = read_dataset(input_path, run.spec(), layout)
@@ -485,6 +574,7 @@ def predict_folder(
         save_probabilities=save_probabilities,
         overwrite=overwrite,
         progress=progress,
+        allow_missing=allow_missing,
     )
 
 
@@ -499,6 +589,7 @@ def predict_files(
     save_probabilities: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    allow_missing: bool = False,
 ) -> CaseResult:
     """Predict one case given as modality -> file; modalities without a file are treated as missing.
 
@@ -526,4 +617,5 @@ def predict_files(
         save_probabilities=save_probabilities,
         overwrite=overwrite,
         progress=progress,
+        allow_missing=allow_missing,
     )[0]
