@@ -62,7 +62,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="initial learning rate (poly decay)")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="optimizer")
     parser.add_argument(
-        "--modality-dropout", type=float, default=0.0, help="chance a batch hides random modalities"
+        "--modality-dropout",
+        type=float,
+        default=0.0,
+        help=(
+            "chance a batch hides a random proper subset of modalities: CIML skips their segmentors (this "
+            "teaches the fallback owners); joint and segresnet see them zero-filled, then run on any subset"
+        ),
     )
     parser.add_argument(
         "--foreground-fraction", type=float, default=1 / 3, help="share of foreground patches"
