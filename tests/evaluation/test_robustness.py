@@ -143,6 +143,8 @@ def test_cli_writes_json_csv_markdown_and_refuses_to_overwrite(tmp_path, spec, d
     assert record["contributions"]["pet"]["GTVn"]["pairs"] == 0  # GTVn is n/a from ct alone
     markdown = (out / "robustness.md").read_text(encoding="utf-8")
     assert "| ct | " in markdown and "GTVn average n/a: not predictable from ct" in markdown
+    assert "ct: GTVn n/a, its owners and fallback owners (pet) are all missing" in markdown
+    assert record["subsets"]["ct"]["not_predictable"] == {"GTVn": ["pet"]}
     assert "| pet | " in markdown.split("Marginal contribution")[1]
     contributions = list(csv.reader((out / "robustness_contributions.csv").open(encoding="utf-8")))
     assert contributions[0] == ["modality", "region", "estimate", "low", "high", "pairs"]

@@ -98,6 +98,7 @@ class SubsetScores:
         predictable: regions predicted with this subset.
         cases: case id -> region -> metric -> value (unpredictable regions NaN).
         note: why nothing was predicted, for networks that need every modality.
+        orphaned: region -> its owners and fallback owners, all absent from this subset (why it is n/a).
     """
 
     modalities: tuple[str, ...]
@@ -105,6 +106,16 @@ class SubsetScores:
     predictable: tuple[str, ...]
     cases: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     note: str = ""
+    orphaned: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def reasons(self) -> list[str]:
+        """Why cells of this row are n/a: the network cannot run, or regions have no present owner."""
+        if self.note:
+            return [f"{self.name}: {self.note}"]
+        return [
+            f"{self.name}: {region} n/a, its owners and fallback owners ({', '.join(owners)}) are all missing"
+            for region, owners in self.orphaned.items()
+        ]
 
     @property
     def name(self) -> str:
@@ -364,7 +375,7 @@ class RobustnessResult:
         """Plain-text tables for the terminal, with the notes of subsets that could not run."""
         text = [f"task {self.task}, {self.convention} convention, {self.dice_kind}, {self.n_cases} case(s)"]
         text += _aligned(self.grid())
-        text += [f"{row.name}: {row.note}" for row in self.rows if row.note]
+        text += [reason for row in self.rows for reason in row.reasons()]
         text += self._explanations()
         text += ["", "marginal contribution: mean over subsets S lacking the modality of Dice(S+m) - Dice(S)"]
         text += _aligned(self.contribution_grid())
@@ -378,7 +389,7 @@ class RobustnessResult:
             *_markdown(self.grid()),
             "",
             *(f"- {line}" for line in self._explanations()),
-            *(f"- {row.name}: {row.note}" for row in self.rows if row.note),
+            *(f"- {reason}" for row in self.rows for reason in row.reasons()),
             "",
             "Marginal contribution of each modality: the mean, over the subsets S that lack it, of "
             "Dice(S + modality) - Dice(S), with 95 % patient-level bootstrap intervals; pairs: subsets "
@@ -418,6 +429,7 @@ class RobustnessResult:
                     "mean": row.mean,
                     "predictable": list(row.predictable),
                     "note": row.note,
+                    "not_predictable": {r: list(o) for r, o in row.orphaned.items()},
                     "cases": row.cases,
                 }
                 for row in self.rows
@@ -597,7 +609,10 @@ def evaluate_robustness(
             continue
         unpredictable = predictor.unpredictable_regions(subset)
         predictable = tuple(r for r in spec.region_names if r not in unpredictable)
-        rows.append(_row(subset, scores[subset], predictable, spec, conv))
+        row = _row(subset, scores[subset], predictable, spec, conv)
+        fallback = predictor.fallback_owners()
+        row.orphaned = {r: (*o, *fallback.get(r, ())) for r, o in unpredictable.items()}
+        rows.append(row)
     dice_kind = "aggregated Dice over cases" if conv.aggregated_dice else "mean Dice over cases"
     return RobustnessResult(
         spec.name,
