@@ -8,8 +8,11 @@ gives parameters, forward FLOPs of one training patch, training and inference wa
 means equal data and iterations, not equal FLOPs: CIML's and the ensemble's four segmentors use the joint
 U-Net's widths each, so they cost about four times its arithmetic (the FLOPs column shows it).
 
-Then the 15-subset missing-modality table (``ciml robustness``) for the models that can drop modalities
-(joint and segresnet need every modality: their incomplete subsets are n/a, with the reason), and the
+Then the 15-subset missing-modality table (``ciml robustness``) with its subset average per region. With
+``--modality-dropout P`` every model trains with modality dropout (CIML-family models skip the dropped
+segmentors, joint and segresnet see zero-filled channels and then run zero-filled on any subset), so the
+15-subset comparison is like for like; without it joint and segresnet need every modality and their
+incomplete subsets are n/a, with the reason. Last comes the
 ShapeComposition table: the committed benchmarks/results/shapecomposition/results.json, or a fresh run
 with ``--shapes``.
 
@@ -100,6 +103,7 @@ class Settings:
     threads: int | None
     seed: int = 0
     target_spacing_mm: float | None = None  # None: train and predict at the phantoms' 2 mm
+    modality_dropout: float = 0.0  # share of batches that hide a random proper subset of modalities
     note: str = ""
 
     def demo_config(self, model: str) -> BrainDemoConfig:
@@ -274,6 +278,7 @@ def run_model(
     training = train_settings(config, train_dir, work / "runs" / model, progress, validation_cases=0)
     if settings.target_spacing_mm is not None:
         training = replace(training, target_spacing=(settings.target_spacing_mm,) * 3)
+    training = replace(training, modality_dropout=settings.modality_dropout)
     run = train(training)
     train_s = time.perf_counter() - started
 
@@ -380,6 +385,10 @@ def robustness_table(robustness: dict[str, dict[str, Any]], regions: Sequence[st
             row = robustness[model]["subsets"].get(name)
             cells.append("-" if row is None else " / ".join(_num(row["dice"][r]) for r in regions))
         lines.append("| " + " | ".join(cells) + " |")
+    averages = [robustness[m].get("average") for m in models]
+    if any(averages):  # the mean over the subsets of each subset's Dice (DeMoSeg/mmFormer protocol)
+        cells = [" / ".join(_num(a[r]["estimate"]) for r in regions) if a else "-" for a in averages]
+        lines.append("| **subset average** | " + " | ".join(cells) + " |")
     notes = []
     for model in models:
         reasons = [row["note"] for row in robustness[model]["subsets"].values() if row["note"]]
@@ -407,7 +416,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"Same data and budget for every model: {settings['train_cases']} training phantoms (2 mm, "
         f"MNI152 anatomy{resampled}; fold 0 of a 5-fold split trains, no validation, last checkpoint), "
         f"{settings['iterations']} iterations of batch {settings['batch']} at {patch}^3, seed "
-        f"{settings['seed']}; {settings['test_cases']} held-out test phantoms predicted with "
+        f"{settings['seed']}, modality dropout {settings.get('modality_dropout', 0.0):g}; "
+        f"{settings['test_cases']} held-out test phantoms predicted with "
         f"{settings['inference_patch']}^3 tiles and scored by `ciml evaluate` (BraTS conventions). "
         "Dice and HD95 are means over the test cases. FLOPs: one forward pass of one training patch "
         "(convolutions and matrix products). Train s includes "
@@ -556,6 +566,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=None, help="override the preset's iterations")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the preset's)")
     parser.add_argument(
+        "--modality-dropout",
+        type=float,
+        default=None,
+        metavar="P",
+        help="train every model with modality dropout P (joint, segresnet: zero-filled; default 0)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -587,6 +604,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, list[str]]:
         overrides["iterations"] = args.iterations
     if args.threads is not None:
         overrides["threads"] = args.threads
+    if args.modality_dropout is not None:
+        overrides["modality_dropout"] = args.modality_dropout
     return replace(settings, **overrides), models
 
 

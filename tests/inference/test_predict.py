@@ -5,6 +5,8 @@ Everything is tiny (20x24x16 volumes, widths (4, 8), 16^3 patches) and generated
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -37,7 +39,8 @@ MODALITIES = ("flair", "t1", "t1ce", "t2")
 
 @pytest.fixture
 def spec() -> TaskSpec:
-    return load_task("brats2020")
+    """brats2020's decomposition alone: without its fallback owners some subsets leave regions orphaned."""
+    return dataclasses.replace(load_task("brats2020"), fallback_owners={})
 
 
 def _save(array: np.ndarray, path: Path) -> Path:
@@ -371,3 +374,39 @@ def test_cli_predicts_a_subset_through_fallback_owners_and_robustness_scores_it(
         plain, tmp_path / "data", settings=settings, subsets=[("flair", "t1")], progress=False
     ).rows
     assert row.predictable == ("WT", "TC") and np.isnan(row.dice["ET"])  # n/a without a fallback owner
+
+
+# ---------------------------------------------------------------------- case folders with files missing
+
+
+def test_a_missing_file_stops_with_the_file_and_the_modalities_to_use(tmp_path, capsys):
+    preset = load_task("brats2020")  # fallback owners: every subset predicts every region
+    cases = write_brats(tmp_path / "data", n_cases=2)
+    cases[1].images["t1"].unlink()
+    run = make_run(tmp_path / "run", preset, cases)
+    args = ["predict", "--run", str(run.path), "--input", str(tmp_path / "data"), "--device", "cpu"]
+    assert main([*args, "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(cases[1].images["t1"]) in err
+    assert "1 of 2 case(s)" in err and "--modalities flair,t1ce,t2," in err and "--allow-missing" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+    assert main([*args, "--output", str(tmp_path / "out"), "--allow-missing"]) == 0
+    assert "case1: " in capsys.readouterr().out  # per-case line names the modalities used
+    for case, used, missing in (("case0", MODALITIES, []), ("case1", ("flair", "t1ce", "t2"), ["t1"])):
+        assert nib.load(tmp_path / "out" / f"{case}.nii.gz").shape == SHAPE
+        record = json.loads((tmp_path / "out" / f"{case}_modalities.json").read_text(encoding="utf-8"))
+        assert record == {"case_id": case, "modalities": list(used), "missing": missing}
+
+
+def test_when_no_common_subset_predicts_every_region_allow_missing_is_the_way(tmp_path, spec, capsys):
+    cases = write_brats(tmp_path / "data", n_cases=2)
+    cases[1].images["t1ce"].unlink()  # without a fallback owner, ET needs t1ce
+    run = make_run(tmp_path / "run", spec, cases)
+    args = ["predict", "--run", str(run.path), "--input", str(tmp_path / "data"), "--device", "cpu"]
+    assert main([*args, "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "no one --modalities fits every case" in err and "case1_t1ce" in err
+    assert main([*args, "--output", str(tmp_path / "out"), "--allow-missing"]) == 1
+    assert "case case1: without t1ce these regions are not predictable: ET" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "case0.nii.gz").exists()  # refused before the first case

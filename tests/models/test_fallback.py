@@ -1,9 +1,12 @@
 """Fallback owners: extra decoder channels for regions a segmentor stands in for when all owners are missing.
 
-Tiny 3D volumes (8^3, widths (4, 8)); the spec is brats2020 plus ``fallback_owners: {ET: [t1], WT: [t1]}``.
+Tiny 3D volumes (8^3, widths (4, 8)); the spec is brats2020's decomposition
+with ``fallback_owners: {ET: [t1], WT: [t1]}`` instead of the preset's.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -19,7 +22,7 @@ WIDTHS = (4, 8)
 
 @pytest.fixture
 def plain() -> TaskSpec:
-    return load_task("brats2020")
+    return dataclasses.replace(load_task("brats2020"), fallback_owners={})
 
 
 @pytest.fixture

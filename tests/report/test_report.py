@@ -67,7 +67,7 @@ def project(tmp_path_factory) -> dict[str, Path]:
         )
     )  # fmt: skip
     predict_folder(run, data, root / "pred", settings=CPU, progress=False)
-    subsets = [MODALITIES, ("flair", "t1")]  # without t1ce, ET has no owner: an n/a cell
+    subsets = [MODALITIES, ("flair", "t1")]  # without t1ce, ET comes from the preset's fallback owners
     table = evaluate_robustness(run, data, settings=CPU, subsets=subsets, progress=False)
     table.write(run.path / "robustness")
     return {"root": root, "data": data, "run": run.path, "pred": root / "pred"}
@@ -95,7 +95,9 @@ def test_every_section_is_filled_and_nothing_leaves_the_page(report):
     evaluation = html[html.index('id="evaluation"') : html.index('id="cases"')]
     assert all(f"<td>{region}</td>" in evaluation for region in ("WT", "TC", "ET")) and "±" in evaluation
     robustness = html[html.index('id="robustness"') : html.index('id="training"')]
-    assert "flair+t1" in robustness and "n/a" in robustness
+    table, contributions = robustness.split("Marginal contribution of each modality")
+    assert "flair+t1" in table and "subset average" in table and "<td class=\"num\">n/a" not in table
+    assert "<td>t1ce</td>" in contributions  # n/a here: two subsets differing in two modalities pair none
     configuration = html[html.index('id="configuration"') :]
     assert "t1ce (mri)" in configuration and "TC, ET" in configuration  # the task decomposition
 

@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def error_message(exc: CimlError, flags: dict[str, str]) -> str:
     """The error in the command's terms: a parameter the command sets is named by its flag."""
-    if isinstance(exc, ParameterError) and exc.parameter in flags:
-        return f"{flags[exc.parameter]}: {exc.problem}"
+    if isinstance(exc, ParameterError):
+        spell = lambda name: flags.get(name, name)  # noqa: E731
+        return f"{spell(exc.parameter)}: {exc.render(spell)}"
     return str(exc)
 
 

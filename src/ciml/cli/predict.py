@@ -80,7 +80,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "the result resampled back onto the input's own grid and written with its affine and header, in "
             "the dataset's label values (BraTS: 0/1/2/4). With --modalities, a CIML run predicts from a "
             "subset of its modalities and reads no file of the others; a region whose owning segmentors are "
-            "all missing makes it stop with the region's name (no mask is invented). Existing outputs are "
+            "all missing makes it stop with the region's name (no mask is invented). A case folder with "
+            "modality files missing stops before the first case, naming the files and the --modalities "
+            "every case has; --allow-missing predicts each case from the modalities it has and writes "
+            "<case_id>_modalities.json beside its label map. Existing outputs are "
             "kept (finished cases are skipped) unless --overwrite; files are written atomically."
         ),
     )
@@ -109,6 +112,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=(
             "comma-separated subset to predict from, e.g. flair,t1ce (default: all of the task's modalities; "
             "with --files: those given)"
+        ),
+    )
+    parser.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help=(
+            "predict each case from those of its modalities (or of --modalities) whose files exist, and "
+            "record them in <case_id>_modalities.json (default: a missing file stops prediction)"
         ),
     )
     parser.add_argument(
@@ -151,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         "save_probabilities": args.save_probabilities,
         "overwrite": args.overwrite,
         "progress": args.progress,
+        "allow_missing": args.allow_missing,
     }
     if args.files is not None:
         results = [

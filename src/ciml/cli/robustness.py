@@ -8,7 +8,7 @@ from pathlib import Path
 from ciml.cli.options import add_overwrite, add_progress, finish
 from ciml.cli.predict import add_inference_arguments, parse_modalities, settings_from_args
 from ciml.evaluation.evaluate import CONVENTIONS, check_outputs
-from ciml.evaluation.robustness import OUTPUT_NAMES, evaluate_robustness, output_paths
+from ciml.evaluation.robustness import BOOTSTRAP_SAMPLES, OUTPUT_NAMES, evaluate_robustness, output_paths
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,8 +20,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "(one loaded model; each case preprocessed once, absent modalities zeroed and skipped) and score "
             "each with the task's challenge convention, as `ciml evaluate` does. Prints and writes a table "
             f"with one row per subset and the Dice of each region ({', '.join(OUTPUT_NAMES)}); a region "
-            "whose owning segmentors are all missing is n/a. HECKTOR: aggregated Dice; others: mean Dice "
-            "over cases. Networks that need every modality (joint, segresnet) get n/a rows with the reason."
+            "whose owners and fallback owners are all missing is n/a. HECKTOR: aggregated Dice; others: "
+            "mean Dice over cases. Below the rows: the subset average per region (mean over the subsets of "
+            "each subset's Dice, the DeMoSeg/mmFormer protocol) and each modality's marginal contribution "
+            "(mean of Dice(S + m) - Dice(S) over the subsets S lacking m), with patient-level bootstrap 95 % "
+            "intervals. Networks on stacked modalities (joint, segresnet) run zero-filled when trained with "
+            "--modality-dropout, else get n/a rows with the reason."
         ),
     )
     add_inference_arguments(parser)
@@ -47,6 +51,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="challenge conventions; default from the task name (see `ciml evaluate --help`; else brats)",
     )
+    parser.add_argument(
+        "--bootstrap",
+        dest="samples",
+        type=int,
+        default=BOOTSTRAP_SAMPLES,
+        metavar="N",
+        help="patient-level bootstrap resamples for the 95 %% intervals (default %(default)s; 0: none)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the bootstrap's seed (default %(default)s)")
     add_overwrite(parser, "existing output files")
     add_progress(parser)
     finish(parser, run)
@@ -64,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         subsets=subsets,
         convention=args.convention,
         progress=args.progress,
+        samples=args.samples,
+        seed=args.seed,
     )
     print(result.table())
     paths = result.write(out, overwrite=args.overwrite)

@@ -82,7 +82,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--modality-dropout",
         type=float,
         default=DEFAULTS.modality_dropout,
-        help="chance a batch hides random modalities",
+        help=(
+            "chance a batch hides a random proper subset of modalities: CIML skips their segmentors (this "
+            "teaches the fallback owners); joint and segresnet see them zero-filled, then run on any subset"
+        ),
     )
     parser.add_argument(
         "--foreground-fraction",

@@ -12,7 +12,14 @@ modalities' segmentors are skipped and their messages sit at the gates' "no info
 predicted by the present fallback owners the spec names (``fallback_owners``: those segmentors have extra
 output channels for it); with none present either it is not predictable, and prediction stops with a
 message naming it and its owners instead of inventing a mask. Networks on stacked modalities (joint,
-segresnet) need every modality and say so.
+segresnet) trained with modality dropout run with the absent channels zero-filled; otherwise they need
+every modality and say so.
+
+**Case folders with files missing** (as in BraSyn's test data, where each case lacks one MRI contrast).
+Before the first case, every case's modality files are looked for. A missing file stops prediction with
+one line naming the files and the ``modalities`` that every case has; with ``allow_missing`` each case
+is predicted from the modalities it has (within ``modalities``), and ``<case_id>_modalities.json``
+beside its label map records which were used and which were missing.
 
 Example:
     >>> results = predict_folder("runs/brats", "BraTS2020_ValidationData", "preds")  # doctest: +SKIP
@@ -40,6 +47,7 @@ from ciml.data.layouts import CHANNEL_LAYOUTS, detect_layout, read_dataset
 from ciml.data.preprocessing import PreprocessingPlan, invert_to_original, preprocess_case
 from ciml.devices import resolve_device
 from ciml.errors import CimlError, ParameterError
+from ciml.files import write_json_atomic
 from ciml.inference.writing import (
     LABEL_SUFFIX,
     PROBABILITIES_SUFFIX,
@@ -52,6 +60,10 @@ from ciml.locks import folder_lock
 from ciml.models import SegmentationNetwork
 from ciml.runs import RunFolder, load_trained_run
 from ciml.tasks import REGION_THRESHOLD, TaskSpec
+
+MODALITIES_SUFFIX = "_modalities.json"
+#: Missing files named in full in the one-line message before it summarises the rest.
+_LISTED_MISSING = 3
 
 
 @dataclass(frozen=True)
@@ -224,7 +236,7 @@ class Predictor:
         raise ParameterError(
             "modalities",
             f"without {', '.join(missing)} these regions are not predictable: {details}. ciml does not "
-            "invent masks; choose modalities that include an owner (or fallback owner) of every region, or "
+            "invent masks; choose {modalities} that include an owner (or fallback owner) of every region, or "
             "run a robustness sweep to score the regions that are predictable.",
         )
 
@@ -294,6 +306,57 @@ def output_paths(output_dir: str | Path, case_id: str) -> tuple[Path, Path]:
     return folder / f"{case_id}{LABEL_SUFFIX}", folder / f"{case_id}{PROBABILITIES_SUFFIX}"
 
 
+def modalities_path(output_dir: str | Path, case_id: str) -> Path:
+    """``<case_id>_modalities.json``: which modalities predicted the case (``allow_missing`` runs)."""
+    return output_paths(output_dir, case_id)[0].with_name(f"{case_id}{MODALITIES_SUFFIX}")
+
+
+def available_modalities(case: Case, wanted: Sequence[str]) -> tuple[str, ...]:
+    """The modalities of ``wanted`` whose file (or DICOM folder) exists for ``case``, in ``wanted`` order."""
+    return tuple(m for m in wanted if m in case.images and Path(case.images[m]).exists())
+
+
+def _missing_files_error(
+    predictor: Predictor,
+    cases: Sequence[Case],
+    present: Sequence[str],
+    available: Mapping[str, Sequence[str]],
+) -> ParameterError:
+    """One line: the missing files, then the ``modalities`` every case has (if it predicts every region)."""
+    lacking = [(c, [m for m in present if m not in available[c.case_id]]) for c in cases]
+    lacking = [(c, ms) for c, ms in lacking if ms]
+    files = [f"{c.images[m]}" if m in c.images else f"{c.case_id}: {m}" for c, ms in lacking for m in ms]
+    listed = ", ".join(files[:_LISTED_MISSING]) + (
+        f" and {len(files) - _LISTED_MISSING} more" if len(files) > _LISTED_MISSING else ""
+    )
+    common = [m for m in present if all(m in available[c.case_id] for c in cases)]
+    usable = bool(common) and predictor.missing_modality_error(common) is None
+    usable = usable and not predictor.unpredictable_regions(common)
+    advice = (
+        f"predict every case without them with {{modalities}} {','.join(common)}, or each case from the "
+        "modalities it has with {allow_missing}"
+        if usable
+        else "no one set of {modalities} fits every case; predict each case from the modalities it has "
+        "with {allow_missing}"
+    )
+    return ParameterError(
+        "modalities",
+        f"{len(lacking)} of {len(cases)} case(s) lack modality files ({len(files)} missing: {listed}); "
+        + advice,
+    )
+
+
+@dataclass(frozen=True)
+class _Writing:
+    """What prediction writes for every case, and where callers act (one value instead of five arguments)."""
+
+    output_dir: Path
+    save_probabilities: bool = False
+    overwrite: bool = False
+    record_modalities: bool = False
+    callbacks: PredictionCallbacks | None = None
+
+
 def _restricted(case: Case, present: Sequence[str]) -> Case:
     """The case with only the present modalities' files and no label (prediction reads nothing else)."""
     lacking = [m for m in present if m not in case.images]
@@ -314,12 +377,14 @@ def predict_case(
     modalities: Iterable[str] | None = None,
     save_probabilities: bool = False,
     overwrite: bool = False,
+    record_modalities: bool = False,
     callbacks: PredictionCallbacks | None = None,
 ) -> CaseResult:
     """Predict one case and write ``<case_id>.nii.gz`` (and its probabilities) into ``output_dir``.
 
     Outputs that exist are kept unless ``overwrite``; a case whose outputs all exist is skipped. The label
-    map is written last, so its presence marks a finished case.
+    map is written last, so its presence marks a finished case. ``record_modalities`` also writes
+    ``<case_id>_modalities.json`` (the modalities used and those missing) before the label map.
 
     Raises:
         CimlError: unreadable inputs, a modality subset the run cannot predict every region from, or a
@@ -327,24 +392,21 @@ def predict_case(
     """
     present = predictor.present_modalities(modalities)
     predictor.check(present)
-    return _predict_checked(predictor, case, output_dir, present, save_probabilities, overwrite, callbacks)
+    writing = _Writing(Path(output_dir), save_probabilities, overwrite, record_modalities, callbacks)
+    return _predict_checked(predictor, case, present, writing)
 
 
 def _predict_checked(
-    predictor: Predictor,
-    case: Case,
-    output_dir: str | Path,
-    present: Sequence[str],
-    save_probabilities: bool,
-    overwrite: bool,
-    callbacks: PredictionCallbacks | None,
+    predictor: Predictor, case: Case, present: Sequence[str], writing: _Writing
 ) -> CaseResult:
     """:func:`predict_case` for a modality subset already checked against the run."""
     start = time.perf_counter()
     spec = predictor.spec
-    label_path, probabilities_path = output_paths(output_dir, case.case_id)
-    wanted = [label_path] + ([probabilities_path] if save_probabilities else [])
-    todo = [p for p in wanted if overwrite or not p.exists()]
+    label_path, probabilities_path = output_paths(writing.output_dir, case.case_id)
+    sidecar = modalities_path(writing.output_dir, case.case_id)
+    wanted = [label_path] + ([probabilities_path] if writing.save_probabilities else [])
+    wanted += [sidecar] if writing.record_modalities else []
+    todo = [p for p in wanted if writing.overwrite or not p.exists()]
     if not todo:
         return CaseResult(case.case_id, tuple(wanted), 0.0, skipped=True)
     pre = preprocess_case(
@@ -358,8 +420,11 @@ def _predict_checked(
     del pre
     if probabilities_path in todo:
         write_probabilities(probabilities, probabilities_path, affine, reference)
-    if callbacks and callbacks.before_label:
-        callbacks.before_label(case.case_id)
+    if sidecar in todo:
+        missing = [m for m in spec.modality_names if m not in present]
+        write_json_atomic(sidecar, {"case_id": case.case_id, "modalities": list(present), "missing": missing})
+    if writing.callbacks and writing.callbacks.before_label:
+        writing.callbacks.before_label(case.case_id)
     if label_path in todo:
         write_label_map(
             spec.regions_to_labels(probabilities > REGION_THRESHOLD), label_path, affine, reference
@@ -376,49 +441,79 @@ def predict_cases(
     save_probabilities: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    allow_missing: bool = False,
     callbacks: PredictionCallbacks | None = None,
 ) -> list[CaseResult]:
-    """Predict every case into ``output_dir`` (created if needed), printing each case's time."""
+    """Predict every case into ``output_dir`` (created if needed), printing each case's time.
+
+    Args:
+        modalities: predict from these (default: all the task's).
+        allow_missing: predict each case from those of ``modalities`` whose files it has, and record them
+            in ``<case_id>_modalities.json``; otherwise a missing file stops everything before the first
+            case, naming the ``modalities`` that every case has.
+        callbacks: see :class:`PredictionCallbacks`.
+
+    Raises:
+        CimlError: before any case is predicted: missing files (without ``allow_missing``), a case with
+            none of the modalities, or a subset the run cannot predict every region from.
+    """
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
-        raise CimlError(f"{output_dir}: exists and is not a folder")
+        raise ParameterError("output_dir", f"{output_dir} exists and is not a folder")
     present = predictor.present_modalities(modalities)
-    predictor.check(present)  # fail before the first case, not after it
     for case in cases:
         output_paths(output_dir, case.case_id)
+    subsets = _case_subsets(predictor, cases, present, allow_missing)  # fail before the first case
+    writing = _Writing(output_dir, save_probabilities, overwrite, allow_missing, callbacks)
     with folder_lock(output_dir):
-        return _predict_locked(
-            predictor, cases, output_dir, present, save_probabilities, overwrite, progress, callbacks
-        )
+        return _predict_locked(predictor, cases, subsets, writing, progress)
+
+
+def _case_subsets(
+    predictor: Predictor, cases: Sequence[Case], present: Sequence[str], allow_missing: bool
+) -> dict[str, tuple[str, ...]]:
+    """Each case's modalities: ``present`` for all, or (``allow_missing``) those it has files for, checked."""
+    available = {c.case_id: available_modalities(c, present) for c in cases}
+    if not allow_missing:
+        predictor.check(present)
+        if any(len(a) < len(present) for a in available.values()):
+            raise _missing_files_error(predictor, cases, present, available)
+        return {c.case_id: tuple(present) for c in cases}
+    for case in cases:
+        if not available[case.case_id]:
+            raise CimlError(f"case {case.case_id}: none of {', '.join(present)} has a file")
+        try:
+            predictor.check(available[case.case_id])
+        except ParameterError as exc:
+            raise ParameterError(exc.parameter, f"case {case.case_id}: {exc.problem}") from None
+        except CimlError as exc:
+            raise CimlError(f"case {case.case_id}: {exc}") from None
+    return available
 
 
 def _predict_locked(
     predictor: Predictor,
     cases: Sequence[Case],
-    output_dir: Path,
-    present: Sequence[str],
-    save_probabilities: bool,
-    overwrite: bool,
+    subsets: Mapping[str, Sequence[str]],
+    writing: _Writing,
     progress: bool,
-    callbacks: PredictionCallbacks | None,
 ) -> list[CaseResult]:
     """The loop of :func:`predict_cases`, run while holding the output folder's lock."""
     results = []
     bar = tqdm(cases, desc="predict", unit="case", disable=not progress)
     for case in bar:
-        result = _predict_checked(
-            predictor, case, output_dir, present, save_probabilities, overwrite, callbacks
-        )
+        result = _predict_checked(predictor, case, subsets[case.case_id], writing)
         results.append(result)
-        if callbacks and callbacks.after_case and not result.skipped:
-            callbacks.after_case(result)
+        if writing.callbacks and writing.callbacks.after_case and not result.skipped:
+            writing.callbacks.after_case(result)
         if progress:
             done = (
                 "skipped (outputs exist; --overwrite replaces them)"
                 if result.skipped
                 else f"{result.seconds:.1f} s"
             )
-            bar.write(f"{case.case_id}: {done}")
+            used = f" from {'+'.join(subsets[case.case_id])}" if writing.record_modalities else ""
+            bar.write(f"{case.case_id}: {done}{used}")
     return results
 
 
@@ -433,6 +528,7 @@ def predict_folder(
     save_probabilities: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    allow_missing: bool = False,
     callbacks: PredictionCallbacks | None = None,
     channels: Mapping[str, int] | None = None,
 ) -> list[CaseResult]:
@@ -448,6 +544,8 @@ def predict_folder(
         save_probabilities: also write float32 region probabilities ``[X, Y, Z, R]``.
         overwrite: replace existing outputs (default: keep them and skip finished cases).
         progress: progress bar and per-case times.
+        allow_missing: predict each case from the modalities whose files it has (see
+            :func:`predict_cases`).
         callbacks: see :class:`PredictionCallbacks`.
         channels: modality -> channel id of an nnU-Net/MSD input whose channel names do not say it;
             default: the mapping the run was trained with, if any.
@@ -464,6 +562,7 @@ def predict_folder(
         save_probabilities=save_probabilities,
         overwrite=overwrite,
         progress=progress,
+        allow_missing=allow_missing,
         callbacks=callbacks,
     )
 
@@ -479,6 +578,7 @@ def predict_files(
     save_probabilities: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    allow_missing: bool = False,
 ) -> CaseResult:
     """Predict one case given as modality -> file; modalities without a file are treated as missing.
 
@@ -506,4 +606,5 @@ def predict_files(
         save_probabilities=save_probabilities,
         overwrite=overwrite,
         progress=progress,
+        allow_missing=allow_missing,
     )[0]

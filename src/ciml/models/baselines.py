@@ -1,7 +1,10 @@
 """Networks that see all modalities stacked as channels: the joint U-Net and MONAI's SegResNet.
 
-Both predict every region from one network ("joint learning", nnU-Net's region-based setup), so they
-cannot run when a modality is missing; they say so instead of inventing the channel.
+Both predict every region from one network ("joint learning", nnU-Net's region-based setup). By default
+they cannot run when a modality is missing and say so instead of inventing the channel. Built with
+``zero_fill_missing`` (training with modality dropout does so, since its batches zero the dropped
+channels), they run on any subset with the absent channels set to zero: the standard missing-modality
+baseline, so the 15-subset comparison with CIML is like for like.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from torch import nn
 
 from ciml.errors import CimlError
 from ciml.models.backbone import UNet
-from ciml.models.interface import SegmentationNetwork
+from ciml.models.interface import MissingModalities, SegmentationNetwork
 from ciml.models.output import SegmentationOutput
 
 
@@ -29,12 +32,18 @@ class StackedModalityNet(SegmentationNetwork):
         modalities: Sequence[str],
         regions: Sequence[str],
         size_divisor: int,
+        zero_fill_missing: bool = False,
         **interface: object,
     ) -> None:
         super().__init__(modalities, **interface)
         self.network = network
         self.regions = tuple(regions)
         self._size_divisor = size_divisor
+        self.zero_fill_missing = zero_fill_missing
+
+    @property
+    def missing_modalities(self) -> MissingModalities:
+        return MissingModalities.ZERO_FILL if self.zero_fill_missing else MissingModalities.UNSUPPORTED
 
     @property
     def owners(self) -> dict[str, tuple[str, ...]]:
@@ -54,6 +63,9 @@ class StackedModalityNet(SegmentationNetwork):
         self.check_present(present)
         if x.shape[1] != len(self.modalities):
             raise CimlError(f"input has {x.shape[1]} channels but the model expects {len(self.modalities)}")
+        if present is not None and set(present) != set(self.modalities):
+            x = x.clone()
+            x[:, [i for i, m in enumerate(self.modalities) if m not in set(present)]] = 0.0  # as in training
         logits = self.network(x)
         return SegmentationOutput(
             logits={self.segmentor_name: logits},
@@ -71,10 +83,11 @@ class JointUNet(StackedModalityNet):
         regions: Sequence[str],
         widths: Sequence[int],
         spatial_dims: int,
+        zero_fill_missing: bool = False,
         **interface: object,
     ):
         network = UNet(len(modalities), len(regions), widths, spatial_dims)
-        super().__init__(network, modalities, regions, 2 ** (len(widths) - 1), **interface)
+        super().__init__(network, modalities, regions, 2 ** (len(widths) - 1), zero_fill_missing, **interface)
 
 
 class SegResNetPeer(StackedModalityNet):
@@ -88,6 +101,7 @@ class SegResNetPeer(StackedModalityNet):
         regions: Sequence[str],
         widths: Sequence[int],
         spatial_dims: int,
+        zero_fill_missing: bool = False,
         **interface: object,
     ):
         levels = len(widths)
@@ -100,4 +114,4 @@ class SegResNetPeer(StackedModalityNet):
             blocks_up=(1,) * (levels - 1),
             norm=("GROUP", {"num_groups": min(8, widths[0])}),
         )
-        super().__init__(network, modalities, regions, 2 ** (levels - 1), **interface)
+        super().__init__(network, modalities, regions, 2 ** (levels - 1), zero_fill_missing, **interface)

@@ -133,7 +133,8 @@ class SegmentationNetwork(nn.Module):
         if missing and self.missing_modalities is MissingModalities.UNSUPPORTED:
             raise CimlError(
                 f"the {self.name} model needs every modality and cannot run without {', '.join(missing)}; "
-                "use a CIML model for missing-modality inference"
+                "train it with modality dropout (absent channels zero-filled) or use a CIML model for "
+                "missing-modality inference"
             )
 
     def unpredictable_regions(self, present: Iterable[str]) -> dict[str, str]:

@@ -26,11 +26,18 @@ DEFAULT_WIDTHS = (32, 64, 128, 256, 320)
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """How to build one named model, and the bottleneck weight its loss always uses (None: the requested)."""
+    """How to build one named model, and the facts the registry knows about it.
+
+    Attributes:
+        fixed_beta: the bottleneck weight its loss always uses (None: the requested one).
+        zero_fill: it can be built to run on a modality subset with the absent channels zeroed (the
+            standard missing-modality baseline for networks on stacked modalities).
+    """
 
     build: Callable[..., SegmentationNetwork]
     description: str
     fixed_beta: float | None = None
+    zero_fill: bool = False
 
 
 def _fallback_by_modality(spec: TaskSpec) -> dict[str, tuple[str, ...]]:
@@ -95,9 +102,11 @@ MODELS: dict[str, ModelEntry] = {
         _ciml, "CIML with the bottleneck off (beta = 0): attention only", fixed_beta=0.0
     ),
     "ciml-nomsg": ModelEntry(_ciml_nomsg, "task decomposition only, no messages"),
-    "joint": ModelEntry(_joint, "one U-Net on all modalities stacked as channels"),
+    "joint": ModelEntry(_joint, "one U-Net on all modalities stacked as channels", zero_fill=True),
     "ensemble": ModelEntry(_ensemble, "one U-Net per modality, each predicting every region, averaged"),
-    "segresnet": ModelEntry(_segresnet, "MONAI SegResNet on stacked modalities (external peer)"),
+    "segresnet": ModelEntry(
+        _segresnet, "MONAI SegResNet on stacked modalities (external peer)", zero_fill=True
+    ),
 }
 
 
@@ -111,11 +120,15 @@ def build_model(
     widths: Sequence[int] = DEFAULT_WIDTHS,
     spatial_dims: int = 3,
     message_levels: Sequence[int] | None = None,
+    zero_fill_missing: bool = False,
 ) -> SegmentationNetwork:
     """Build a named network for ``task``.
 
     The network declares its facts (:class:`~ciml.models.interface.SegmentationNetwork`); its
-    ``config`` holds what rebuilds it (see :func:`model_from_config`).
+    ``config`` holds what rebuilds it (see :func:`model_from_config`). ``zero_fill_missing`` lets a
+    network on stacked modalities (entries with ``zero_fill``) run without some modalities, their channels
+    zeroed, for models trained with modality dropout; CIML-family networks skip a missing modality's
+    segmentor anyway and ignore it.
 
     Raises:
         CimlError: unknown model name or invalid settings.
@@ -136,11 +149,22 @@ def build_model(
         "message_levels": None if message_levels is None else list(message_levels),
     }
     entry = MODELS[name]
-    return entry.build(spec, widths, spatial_dims, message_levels, config=config, fixed_beta=entry.fixed_beta)
+    options = {}
+    if zero_fill_missing and entry.zero_fill:
+        config["zero_fill_missing"] = True  # absent from older configs: they refuse missing inputs
+        options["zero_fill_missing"] = True
+    return entry.build(
+        spec, widths, spatial_dims, message_levels, config=config, fixed_beta=entry.fixed_beta, **options
+    )
 
 
 def model_from_config(config: dict[str, Any]) -> SegmentationNetwork:
     """Rebuild a network from ``model.config`` (as stored in checkpoints)."""
     return build_model(
-        config["name"], config["task"], config["widths"], config["spatial_dims"], config.get("message_levels")
+        config["name"],
+        config["task"],
+        config["widths"],
+        config["spatial_dims"],
+        config.get("message_levels"),
+        zero_fill_missing=bool(config.get("zero_fill_missing", False)),
     )

@@ -356,6 +356,20 @@ def robustness_section(path: Path | None) -> dict[str, Any]:
             grid.append([name, *(_number(dice.get(r)) for r in regions), _number(row.get("mean"))])
             if row.get("note"):
                 notes.append(f"{name}: {row['note']}")
+        contributions = None
+        if "average" in data:  # tables written before the summaries have only the rows
+            average = data["average"]
+            grid.append(["subset average", *(_interval(average[k]) for k in (*regions, "mean"))])
+            contributions = [["modality", *regions, "mean", "pairs"]]
+            for modality, values in data["contributions"].items():
+                cells = [_interval(values[k]) for k in (*regions, "mean")]
+                contributions.append([modality, *cells, _text(values["mean"].get("pairs"))])
+            boot = data.get("bootstrap", {})
+            notes.append(
+                f"subset average: mean over the {len(data['subsets'])} subsets of each subset's Dice "
+                f"(DeMoSeg/mmFormer protocol); brackets: 95 % patient-level bootstrap intervals "
+                f"({boot.get('samples')} resamples, seed {boot.get('seed')})."
+            )
         caption = (
             f"Dice per modality subset: task {data.get('task')}, {data.get('convention')} conventions, "
             f"{data.get('dice')}, {data.get('n_cases')} case(s); n/a: not predictable with that subset."
@@ -366,7 +380,15 @@ def robustness_section(path: Path | None) -> dict[str, Any]:
         raise CimlError(
             f"{path}: not a robustness table written by `ciml robustness` (bad key {exc})"
         ) from None
-    return {"grid": grid, "notes": notes, "caption": caption}
+    return {"grid": grid, "notes": notes, "caption": caption, "contributions": contributions}
+
+
+def _interval(value: Mapping[str, Any]) -> str:
+    """``estimate [low, high]`` from a robustness.json interval (null: n/a)."""
+    estimate, low, high = value.get("estimate"), value.get("low"), value.get("high")
+    if estimate is None:
+        return "n/a"
+    return _number(estimate) if low is None else f"{_number(estimate)} [{_number(low)}, {_number(high)}]"
 
 
 # ------------------------------------------------------------------------------------------- the page
@@ -400,9 +422,7 @@ def report_page(
     info = run.read_info()
     spec = run.spec()
     if (pred_dir is None) != (ref_dir is None):
-        raise ParameterError(
-            "pred_dir", "predictions and references go together (give both or neither)"
-        )
+        raise ParameterError("pred_dir", "predictions and references go together (give both or neither)")
     pred_dir = None if pred_dir is None else Path(pred_dir)
     ref_dir = None if ref_dir is None else Path(ref_dir)
     result = evaluate_folders(pred_dir, ref_dir, spec, progress=progress) if pred_dir is not None else None

@@ -96,6 +96,12 @@ TEMPLATE = """<!DOCTYPE html>
 {% if robustness.notes %}
 <ul class="notes">{% for note in robustness.notes %}<li>{{ note }}</li>{% endfor %}</ul>
 {% endif %}
+{% if robustness.contributions %}
+<h3>Marginal contribution of each modality</h3>
+<p>Mean, over the subsets S that lack the modality, of Dice(S + modality) - Dice(S); brackets: 95 %
+patient-level bootstrap intervals; pairs: subsets averaged.</p>
+{{ table(robustness.contributions) }}
+{% endif %}
 {% else %}{{ missing(robustness.missing) }}{% endif %}
 </section>
 

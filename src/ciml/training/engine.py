@@ -332,7 +332,14 @@ def _train_checked(
     by_id = {c.case_id: c for c in cases}
 
     torch.manual_seed(settings.seed)
-    model = build_model(settings.model, spec, widths=settings.widths, spatial_dims=3)
+    # dropped channels are zeroed in the batches of stacked-channel models: they then run zero-filled
+    model = build_model(
+        settings.model,
+        spec,
+        widths=settings.widths,
+        spatial_dims=3,
+        zero_fill_missing=settings.modality_dropout > 0,
+    )
     plan = _load_or_make_plan(run, cases, spec, settings)
     cache = PreprocessedCache(run.path / "preprocessed", spec, plan)
     if rank == 0:
