@@ -17,8 +17,8 @@ from ciml.cli import main
 from ciml.errors import CimlError
 from ciml.locks import folder_lock
 from ciml.runs import load_checkpoint, save_checkpoint
-from ciml.training.engine import KILL_AFTER_VARIABLE, make_splits
 from ciml.runs.log import read_log
+from ciml.training.engine import KILL_AFTER_VARIABLE, make_splits
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 TINY = ["--patch", "16", "16", "16", "--widths", "4", "8", "--batch-size", "2", "--no-progress"]

@@ -56,6 +56,15 @@ class JointUNet(StackedModalityNet):
     ):
         super().__init__(UNet(len(modalities), len(regions), widths, spatial_dims), modalities, regions)
 
+    @property
+    def checkpoint_activations(self) -> bool:
+        """Recompute encoder stages and decoder levels in backward (see UNet.checkpoint_activations)."""
+        return self.network.checkpoint_activations
+
+    @checkpoint_activations.setter
+    def checkpoint_activations(self, enabled: bool) -> None:
+        self.network.checkpoint_activations = enabled
+
 
 class SegResNetPeer(StackedModalityNet):
     """MONAI's SegResNet (BraTS tutorial configuration, scaled by ``init_filters``) as an external peer."""

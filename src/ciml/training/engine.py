@@ -36,8 +36,8 @@ from ciml.locks import folder_lock
 from ciml.metrics import dice
 from ciml.models import CIMLNet, build_model
 from ciml.runs import RunFolder
-from ciml.tasks import TaskSpec, load_task
 from ciml.runs.log import RunLogger
+from ciml.tasks import TaskSpec, load_task
 from ciml.training.loop import Batch, TrainConfig, Trainer
 
 CPU_DEFAULTS = {"patch_size": (64, 64, 64), "batch_size": 2, "widths": (16, 32, 64, 128)}
