@@ -3,7 +3,7 @@
 Builds an untrained tiny autopet run (pet, ct), writes one synthetic PET/CT case of --shape (default
 512x512x600) and --cases small ones, predicts each set on the CPU in a fresh process, and prints the
 peak RSS (ru_maxrss and /proc/self/status VmHWM) and, for the small cases, RSS after case 5 and after
-the last. Usage: ``python benchmarks/memory.py [--shape 256 256 300] [--cases 20]``.
+the last. Usage: ``python benchmarks/prediction_memory.py [--shape 256 256 300] [--cases 20]``.
 """
 
 from __future__ import annotations
