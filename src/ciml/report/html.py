@@ -46,8 +46,8 @@ from ciml.explain.figures import case_overlay_png, tumour_slice
 from ciml.files import write_text_atomic
 from ciml.report.template import CSS, TEMPLATE
 from ciml.runs import RunFolder
-from ciml.tasks import TaskSpec
 from ciml.runs.log import LOG_FILE, PLOT_FILE, plot_progress, read_log
+from ciml.tasks import TaskSpec
 
 SECTIONS = (
     ("evaluation", "Evaluation"),

@@ -75,6 +75,7 @@ class TrainSettings:
     max_validation_cases: int | None = None
     amp: bool = True
     compile: bool = False
+    checkpoint_activations: bool = False
     resume: bool = False
     tensorboard: bool = False
     progress: bool = True
@@ -300,6 +301,10 @@ def _train_checked(
 
     torch.manual_seed(settings.seed)
     model = build_model(settings.model, spec, widths=settings.widths, spatial_dims=3)
+    if settings.checkpoint_activations:
+        if not hasattr(model, "checkpoint_activations"):
+            raise CimlError(f"--checkpoint-activations: not supported by the {settings.model} model")
+        model.checkpoint_activations = True
     plan = _load_or_make_plan(run, cases, spec, settings)
     cache = PreprocessedCache(run.path / "preprocessed", spec, plan)
     if rank == 0:
