@@ -1,4 +1,4 @@
-"""Interleaved CPU training steps: joint U-Net vs CIML with gate tensors kept, recomputed, and with 4x narrower messages.
+"""Interleaved CPU training steps: joint U-Net vs CIML with gates kept, recomputed, narrower.
 
 Equal FLOPs at the CPU preset of benchmarks/speed.py (48^3, batch 1; joint 16/32/64/128, CIML 8/16/28/56).
 Usage: ``python benchmarks/gate_step_time.py [threads]`` (prints per-round medians, then ratios to joint).
@@ -43,8 +43,8 @@ def step(k):
     n = nets[k]
     o = opts[k]
     o.zero_grad(set_to_none=True)
-    l = loss(_as_output(n(x), R), t).total
-    l.backward()
+    step_loss = loss(_as_output(n(x), R), t).total
+    step_loss.backward()
     o.step()
 
 
@@ -58,4 +58,4 @@ for r in range(5):
             times[k].append(time.perf_counter() - s)
 j = statistics.median(times["joint"])
 for k, v in times.items():
-    print(k, "%.0f ms  x joint %.2f" % (statistics.median(v) * 1e3, statistics.median(v) / j), flush=True)
+    print(k, f"{statistics.median(v) * 1e3:.0f} ms  x joint {statistics.median(v) / j:.2f}", flush=True)
