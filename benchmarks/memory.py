@@ -1,106 +1,212 @@
-"""Peak memory of `ciml predict` on a big 2-modality PET/CT case, and its growth over many cases.
+"""Memory of one BraTS training step for every network, counted exactly on the meta device.
 
-Builds an untrained tiny autopet run (pet, ct), writes one synthetic PET/CT case of --shape (default
-512x512x600) and --cases small ones, predicts each set on the CPU in a fresh process, and prints the
-peak RSS (ru_maxrss and /proc/self/status VmHWM) and, for the small cases, RSS after case 5 and after
-the last. Usage: ``python benchmarks/memory.py [--shape 256 256 300] [--cases 20]``.
+    python benchmarks/memory.py                 # 128^3, batch 2, fp32 (+ bf16 rows); ~1 min on a CPU
+    python benchmarks/memory.py --patch 64 --batch 1 --out /tmp/m.json   # any size
+
+Nothing is allocated or computed: each network and its batch are built on PyTorch's ``meta`` device and
+one training forward (CIML loss) and backward run there (:mod:`ciml.training.memory`). Per network:
+the bytes autograd saves for backward (each storage once; parameters excluded), the bytes alive when
+the loss is ready (what checkpointing keeps counts here), the peak of live tensors over forward and
+backward plus AdamW's two states per parameter, and, to compare with the issue's figures, the plain
+sum of every saved tensor's size (storages shared by several saved tensors counted each time, weights
+included). Ratios are to the joint U-Net of the same run. CIML's "equal FLOPs" widths are searched as in
+benchmarks/speed.py, so its forward FLOPs, gates included, equal the joint U-Net's.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
-import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-import nibabel as nib
-import numpy as np
 import torch
+from torch import nn
 
-from ciml.data.cases import Case
-from ciml.data.preprocessing import plan_preprocessing
+from ciml import files
+from ciml.losses import CIMLLoss
 from ciml.models import build_model
-from ciml.runs import RunFolder, save_checkpoint
 from ciml.tasks import load_task
+from ciml.training.memory import GIB, _as_output, count_step, in_dtype
+from speed import NNUNET_WIDTHS, git_commit, match_ciml_widths
 
-CHILD = r"""
-import json, resource, sys
-from ciml.inference.predict import InferenceSettings, Predictor, predict_case
-from ciml.data.cases import Case
-from pathlib import Path
-def vm_hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith(("VmHWM", "VmRSS")):
-            yield line.split()[0].rstrip(":"), int(line.split()[1]) / 1024
-run, out, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-predictor = Predictor.from_run(run, InferenceSettings(device="cpu", step=1.0))
-rss = []
-for cid, images in cases:
-    predict_case(predictor, Case(cid, {m: Path(p) for m, p in images.items()}), out)
-    rss.append(dict(vm_hwm())["VmRSS"])
-print(json.dumps({"ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  **{k + "_mb": v for k, v in vm_hwm()}, "rss_after_each_mb": rss}))
-"""
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def write_case(folder: Path, shape: tuple[int, ...], seed: int) -> dict[str, str]:
-    """PET (float32 SUV) and CT (int16 HU) of one synthetic body with a hot lesion; float32/int16 only."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    ct = np.full(shape, -1000, np.int16)
-    x, y = (s // 4 for s in shape[:2])
-    ct[x:-x, y:-y] = 40
-    pet = (ct > 0).astype(np.float32)
-    pet[x + 4 : x + 12, y + 4 : y + 12, shape[2] // 2 : shape[2] // 2 + 8] = 10.0
-    pet += rng.random(shape, dtype=np.float32) * 0.1
-    affine = np.diag([2.0, 2.0, 3.0, 1.0])
-    files = {"pet": folder / "SUV.nii.gz", "ct": folder / "CTres.nii.gz"}
-    nib.save(nib.Nifti1Image(pet, affine), files["pet"])
-    nib.save(nib.Nifti1Image(ct, affine), files["ct"])
-    return {m: str(p) for m, p in files.items()}
+@dataclass(frozen=True)
+class Case:
+    """One row: a network, its widths and options, and the activation dtype it is counted in."""
+
+    label: str
+    name: str
+    widths: tuple[int, ...]
+    options: dict[str, Any]
+    dtype: torch.dtype = torch.float32
 
 
-def make_run(folder: Path, case: dict[str, str]) -> Path:
-    spec = load_task("autopet")
-    model = build_model("ciml", spec, widths=(4, 8), spatial_dims=3).eval()
-    run = RunFolder(folder)
-    save_checkpoint({"model": model.state_dict(), "config": model.config}, run.checkpoint(0))
-    plan = plan_preprocessing([Case("ref", {m: Path(p) for m, p in case.items()})], spec)
-    run.write_info({"task": spec.to_dict(), "model": model.config, "preprocessing": plan.to_dict(),
-                    "patch_size": [64, 64, 64], "data": {}, "train": {}})  # fmt: skip
-    return folder
+def plain_saved_sum(model: nn.Module, x: torch.Tensor, target: torch.Tensor, regions: Sequence[str]) -> int:
+    """Every saved tensor's bytes, shared storages and weights counted each time (the issue's count)."""
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        CIMLLoss(regions, beta=1e-3)(_as_output(model(x), regions), target)
+    return total
 
 
-def measure(run: Path, out: Path, cases: list[tuple[str, dict[str, str]]]) -> dict:
-    result = subprocess.run([sys.executable, "-c", CHILD, str(run), str(out), json.dumps(cases)],
-                            capture_output=True, text=True, check=True)  # fmt: skip
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def count(case: Case, patch: int, batch: int) -> dict[str, Any]:
+    spec = load_task("brats2020")
+    shape = (batch, len(spec.modality_names), *(patch,) * 3)
+
+    def build() -> nn.Module:
+        model = build_model(case.name, spec, widths=case.widths)
+        for key, value in case.options.items():
+            setattr(model, key, value)
+        return model
+
+    with torch.device("meta"):
+        x, target = torch.empty(shape), torch.empty((batch, len(spec.region_names), *(patch,) * 3))
+        memory = count_step(build(), x, target, spec.region_names, activation_dtype=case.dtype)
+        model = in_dtype(build(), case.dtype)
+        plain = plain_saved_sum(model, x.to(case.dtype), target, spec.region_names)
+    return {
+        "label": case.label,
+        "network": case.name,
+        "widths": list(case.widths),
+        "options": case.options,
+        "activations": str(case.dtype).removeprefix("torch."),
+        **memory.as_dict(),
+        "plain_saved_sum_bytes": plain,
+    }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--shape", type=int, nargs=3, default=[512, 512, 600], help="big case (default 512 512 600)"
+def cases(ciml_widths: tuple[int, ...]) -> list[Case]:
+    full = NNUNET_WIDTHS
+    rows = [
+        Case("joint U-Net, nnU-Net widths", "joint", full, {}),
+        Case("CIML, equal FLOPs (default)", "ciml", ciml_widths, {}),
+        Case(
+            "CIML, equal FLOPs, gate tensors kept (before #13)",
+            "ciml",
+            ciml_widths,
+            {"recompute_gates": False},
+        ),
+        Case("segmentors only (ciml-nomsg), equal FLOPs", "ciml-nomsg", ciml_widths, {}),
+        Case(
+            "CIML, equal FLOPs, --checkpoint-activations",
+            "ciml",
+            ciml_widths,
+            {"checkpoint_activations": True},
+        ),
+        Case("joint U-Net, --checkpoint-activations", "joint", full, {"checkpoint_activations": True}),
+        Case("CIML, 32..320 per segmentor", "ciml", full, {}),
+        Case("CIML, 32..320 per segmentor, gate tensors kept", "ciml", full, {"recompute_gates": False}),
+        Case("ensemble, 32..320 per member", "ensemble", full, {}),
+        Case("joint U-Net, bf16 activations", "joint", full, {}, torch.bfloat16),
+        Case("CIML, equal FLOPs, bf16 activations", "ciml", ciml_widths, {}, torch.bfloat16),
+    ]
+    probe = build_model("ciml", "brats2020", widths=(4, 8))
+    if not hasattr(probe, "checkpoint_activations"):
+        rows = [r for r in rows if "checkpoint_activations" not in r.options]
+    return rows
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    joint = {r["activations"]: r for r in rows if r["network"] == "joint" and not r["options"]}
+    nomsg = next(r for r in rows if r["network"] == "ciml-nomsg")
+    for row in rows:
+        reference = joint[row["activations"]]
+        for key in ("saved_bytes", "live_after_forward_bytes", "peak_bytes", "plain_saved_sum_bytes"):
+            row[key.removesuffix("_bytes") + "_ratio"] = row[key] / reference[key]
+        comparable = "checkpoint_activations" not in row["options"] and row["activations"] == "float32"
+        if row["network"] == "ciml" and row["widths"] == nomsg["widths"] and comparable:
+            gates = row["live_after_forward_bytes"] - nomsg["live_after_forward_bytes"]
+            row["gates_live_after_forward_bytes"] = gates
+            row["gates_share_of_segmentors"] = gates / nomsg["live_after_forward_bytes"]
+            row["gates_peak_bytes"] = row["peak_bytes"] - nomsg["peak_bytes"]
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| network | widths | saved for backward GiB (x joint) | live after forward GiB (x joint) "
+        "| peak GiB incl. AdamW (x joint) | gates, % of segmentors "
+        "| issue's count: plain sum GiB (x joint) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        share = r.get("gates_share_of_segmentors")
+        cells = [
+            r["label"],
+            "/".join(map(str, r["widths"])),
+            f"{r['saved_bytes'] / GIB:.2f} ({r['saved_ratio']:.2f})",
+            f"{r['live_after_forward_bytes'] / GIB:.2f} ({r['live_after_forward_ratio']:.2f})",
+            f"{r['peak_bytes'] / GIB:.2f} ({r['peak_ratio']:.2f})",
+            "-" if share is None else f"{100 * share:.1f} %",
+            f"{r['plain_saved_sum_bytes'] / GIB:.2f} ({r['plain_saved_sum_ratio']:.2f})",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--cases", type=int, default=20, help="small cases for the growth check (default 20)")
-    parser.add_argument("--small", type=int, nargs=3, default=[48, 48, 40], help="small case shape")
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        small = [(f"s{i}", write_case(root / f"s{i}", tuple(args.small), i)) for i in range(args.cases)]
-        run = make_run(root / "run", small[0][1])
-        growth = measure(run, root / "out_small", small)
-        rss = growth["rss_after_each_mb"]
-        print(f"{args.cases} small cases: RSS after case 5 {rss[min(4, len(rss) - 1)]:.0f} MB, "
-              f"after case {len(rss)} {rss[-1]:.0f} MB, peak {growth['VmHWM_mb']:.0f} MB")  # fmt: skip
-        big = [("big", write_case(root / "big", tuple(args.shape), 99))]
-        peak = measure(run, root / "out_big", big)
-        print(f"big case {tuple(args.shape)}: peak RSS {peak['VmHWM_mb']:.0f} MB "
-              f"(ru_maxrss {peak['ru_maxrss_mb']:.0f} MB)")  # fmt: skip
+    parser.add_argument("--patch", type=int, default=128, help="cubic patch edge (default 128)")
+    parser.add_argument("--batch", type=int, default=2, help="patches per step (default 2)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "memory.json", help="JSON output")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    spec = load_task("brats2020")
+    flops_shape = (args.batch, len(spec.modality_names), *(args.patch,) * 3)
+    ciml_widths, ciml_flops, joint_flops = match_ciml_widths(spec, NNUNET_WIDTHS, flops_shape)
+    print(f"equal FLOPs: joint {NNUNET_WIDTHS} {joint_flops / 1e9:.0f} GFLOP, ciml {ciml_widths} "
+          f"{ciml_flops / 1e9:.0f} GFLOP per forward", flush=True)  # fmt: skip
+    rows = []
+    for case in cases(ciml_widths):
+        rows.append(count(case, args.patch, args.batch))
+        print(f"[{time.perf_counter() - started:5.1f} s] {case.label}: "
+              f"saved {rows[-1]['saved_bytes'] / GIB:.2f} GiB, peak {rows[-1]['peak_bytes'] / GIB:.2f} GiB",
+              flush=True)  # fmt: skip
+    add_ratios(rows)
+    table = markdown(rows)
+    result = {
+        "benchmark": "memory",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "torch": torch.__version__,
+        "patch": args.patch,
+        "batch": args.batch,
+        "ciml_equal_flops_widths": list(ciml_widths),
+        "gflops": {"joint": joint_flops / 1e9, "ciml": ciml_flops / 1e9},
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    files.write_json_atomic(args.out, result)
+    header = (
+        f"# Training-step memory, counted on the meta device (`python benchmarks/memory.py`)\n\n"
+        f"BraTS (4 modalities, 3 regions), patch {args.patch}^3, batch {args.batch}, AdamW, CIML loss; "
+        f"torch {torch.__version__}, commit {result['git_commit']}, {result['date'][:10]}. Exact counts "
+        f"from shapes alone (no GPU needed; the same on any machine). CIML at equal FLOPs: widths "
+        f"{'/'.join(map(str, ciml_widths))} ({ciml_flops / 1e9:.0f} vs {joint_flops / 1e9:.0f} GFLOP "
+        f"per forward). Ratios to the joint U-Net of the same dtype. The peak is tensors only (no "
+        f"allocator fragmentation, cuDNN workspace or CUDA context). bf16 rows run the whole forward "
+        f"in bf16 (float32 weights, gradients, AdamW state): an estimate of autocast.\n\n"
+    )
+    markdown_path = args.out.with_suffix(".md")
+    files.write_text_atomic(markdown_path, header + table + "\n")
+    print("\n" + table)
+    print(f"\nwrote {args.out} and {markdown_path} in {time.perf_counter() - started:.0f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

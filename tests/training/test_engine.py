@@ -204,3 +204,10 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(dataset, tmp_path) -> None:
     checksums = end["rank_parameter_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     assert load_checkpoint(out / "fold_0" / "checkpoint_last.pt")["iteration"] == 3
+
+
+def test_checkpoint_activations_trains_and_is_recorded(dataset, tmp_path) -> None:
+    out = tmp_path / "run"
+    assert main(_train(dataset, out, "--iterations", "2", "--checkpoint-activations")) == 0
+    info = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert info["train"]["checkpoint_activations"] is True

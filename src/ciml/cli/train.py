@@ -100,6 +100,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of split, weights and patches")
     parser.add_argument("--no-amp", dest="amp", action="store_false", help="disable bf16 autocast on GPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    parser.add_argument(
+        "--checkpoint-activations",
+        action="store_true",
+        help="recompute U-Net stages in backward instead of storing them (less memory, ~1.3x the time)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue the fold from its last checkpoint")
     parser.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (when installed)")
     add_progress(parser)

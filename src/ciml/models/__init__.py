@@ -5,7 +5,7 @@ from ciml.models.ciml import CIMLNet, gate_key
 from ciml.models.gate import GateOutput, InformationGate, gaussian_bottleneck_kl
 from ciml.models.interface import MissingModalities, SegmentationNetwork
 from ciml.models.output import SegmentationOutput
-from ciml.models.registry import MODELS, build_model, model_from_config, model_names
+from ciml.models.registry import MODELS, build_model, check_state_dict, model_from_config, model_names
 
 __all__ = [
     "MODELS",
@@ -17,6 +17,7 @@ __all__ = [
     "SegmentationOutput",
     "UNet",
     "build_model",
+    "check_state_dict",
     "gate_key",
     "gaussian_bottleneck_kl",
     "model_from_config",

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -28,6 +29,18 @@ def conv(
     return _CONV[spatial_dims](
         in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2
     )
+
+
+def maybe_checkpoint(fn, *args: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """``fn(*args)``, recomputed in backward instead of keeping its activations when ``enabled``.
+
+    Activation checkpointing (:func:`torch.utils.checkpoint.checkpoint`, non-reentrant): only the
+    block's inputs stay alive between forward and backward; the block runs twice. Values and gradients
+    are the same. No effect without gradients (inference).
+    """
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+    return fn(*args)
 
 
 class ConvNormAct(nn.Sequential):
@@ -66,11 +79,12 @@ class UNetEncoder(nn.Module):
             Stage(spatial_dims, channels[i], channels[i + 1], stride=1 if i == 0 else 2)
             for i in range(len(widths))
         )
+        self.checkpoint_activations = False  # recompute each stage in backward (see maybe_checkpoint)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = []
         for stage in self.stages:
-            x = stage(x)
+            x = maybe_checkpoint(stage, x, enabled=self.checkpoint_activations)
             features.append(x)
         return features
 
@@ -87,13 +101,16 @@ class UNetDecoder(nn.Module):
         )
         self.stages = nn.ModuleList(Stage(spatial_dims, 2 * widths[i], widths[i]) for i in range(levels - 1))
         self.head = conv(spatial_dims, widths[0], out_channels)
+        self.checkpoint_activations = False  # recompute each level in backward (see maybe_checkpoint)
 
     def forward(self, skips: Sequence[torch.Tensor]) -> torch.Tensor:
         x = skips[-1]
         for level in reversed(range(len(skips) - 1)):
-            x = self.upsample[level](x)
-            x = self.stages[level](torch.cat([x, skips[level]], dim=1))
+            x = maybe_checkpoint(self._level, x, skips[level], level, enabled=self.checkpoint_activations)
         return self.head(x)
+
+    def _level(self, x: torch.Tensor, skip: torch.Tensor, level: int) -> torch.Tensor:
+        return self.stages[level](torch.cat([self.upsample[level](x), skip], dim=1))
 
 
 class UNet(nn.Module):
@@ -107,6 +124,15 @@ class UNet(nn.Module):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         self.encoder = UNetEncoder(in_channels, widths, spatial_dims)
         self.decoder = UNetDecoder(widths, out_channels, spatial_dims)
+
+    @property
+    def checkpoint_activations(self) -> bool:
+        """Recompute encoder stages and decoder levels in backward instead of keeping activations."""
+        return self.encoder.checkpoint_activations
+
+    @checkpoint_activations.setter
+    def checkpoint_activations(self, enabled: bool) -> None:
+        self.encoder.checkpoint_activations = self.decoder.checkpoint_activations = bool(enabled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))

@@ -89,6 +89,15 @@ class JointUNet(StackedModalityNet):
         network = UNet(len(modalities), len(regions), widths, spatial_dims)
         super().__init__(network, modalities, regions, 2 ** (len(widths) - 1), zero_fill_missing, **interface)
 
+    @property
+    def checkpoint_activations(self) -> bool:
+        """Recompute encoder stages and decoder levels in backward (see UNet.checkpoint_activations)."""
+        return self.network.checkpoint_activations
+
+    @checkpoint_activations.setter
+    def checkpoint_activations(self, enabled: bool) -> None:
+        self.network.checkpoint_activations = enabled
+
 
 class SegResNetPeer(StackedModalityNet):
     """MONAI's SegResNet (BraTS tutorial configuration, scaled by ``init_filters``) as an external peer."""

@@ -49,6 +49,10 @@ class CIMLNet(SegmentationNetwork):
             segmentors, :mod:`ciml.models.grouped`) instead of one after another. Same parameters, same
             outputs up to float rounding; ``False`` is the reference form (and what hooks on the
             per-segmentor modules, e.g. Grad-CAM's, need: see :meth:`per_segmentor`).
+        message_channels: channels of every gate's value v and latent z, one per level or one for all
+            (capped at the level's width). Default: the features' own width (the original gate).
+        recompute_gates: in the grouped form, recompute the gates' per-voxel tensors in backward
+            instead of keeping them (same values and gradients; see :func:`grouped_gates`).
         config, fixed_beta: see :class:`~ciml.models.interface.SegmentationNetwork`.
 
     Example:
@@ -67,11 +71,14 @@ class CIMLNet(SegmentationNetwork):
         message_levels: Iterable[int] | None = None,
         fallback: Mapping[str, Sequence[str]] | None = None,
         grouped: bool = True,
+        message_channels: int | Sequence[int] | None = None,
+        recompute_gates: bool = True,
         config: Mapping[str, object] | None = None,
         fixed_beta: float | None = None,
     ) -> None:
         super().__init__(modalities, config, fixed_beta)
         self.grouped = grouped
+        self.recompute_gates = recompute_gates
         self.owned = {m: tuple(decomposition.get(m, ())) for m in self.modalities}
         fallback = fallback or {}
         unknown = sorted(set(fallback) - set(self.modalities))
@@ -94,9 +101,12 @@ class CIMLNet(SegmentationNetwork):
                 if self.owned[m] or self.fallback[m]
             }
         )
+        self.message_channels = _per_level(message_channels, self.widths)
         self.gates = nn.ModuleDict(
             {
-                gate_key(level, receiver, sender): InformationGate(self.widths[level], spatial_dims)
+                gate_key(level, receiver, sender): InformationGate(
+                    self.widths[level], spatial_dims, message_channels=self.message_channels[level]
+                )
                 for level in self.message_levels
                 for receiver in self.decoders
                 for sender in self.modalities
@@ -151,6 +161,18 @@ class CIMLNet(SegmentationNetwork):
             self._forward_per_segmentor(x, available, close_gates, return_maps, output)
         output.kl = sum(output.kl_terms.values(), output.kl)
         return output
+
+    @property
+    def checkpoint_activations(self) -> bool:
+        """Recompute the segmentors' encoder stages and decoder levels in backward (less memory)."""
+        return any(
+            module.checkpoint_activations for module in (*self.encoders.values(), *self.decoders.values())
+        )
+
+    @checkpoint_activations.setter
+    def checkpoint_activations(self, enabled: bool) -> None:
+        for module in (*self.encoders.values(), *self.decoders.values()):
+            module.checkpoint_activations = bool(enabled)
 
     @contextlib.contextmanager
     def per_segmentor(self) -> Iterator[CIMLNet]:
@@ -227,7 +249,12 @@ class CIMLNet(SegmentationNetwork):
             return total
         keys = [gate_key(level, r, s) for r, s in pairs]
         result = grouped_gates(
-            [self.gates[k] for k in keys], own, senders, [present.index(s) for _, s in pairs], close_gates
+            [self.gates[k] for k in keys],
+            own,
+            senders,
+            [present.index(s) for _, s in pairs],
+            close_gates,
+            recompute=self.recompute_gates,
         )
         kl_means = result.kl_maps.mean(dim=[0, *range(2, result.kl_maps.dim())])
         for p, key in enumerate(keys):
@@ -296,6 +323,18 @@ class CIMLNet(SegmentationNetwork):
             )
         self.check_present(present)
         return set(self.modalities) if present is None else set(present)
+
+
+def _per_level(channels: int | Sequence[int] | None, widths: Sequence[int]) -> tuple[int, ...]:
+    """Message channels per level: the widths themselves, one number for all (capped), or one per level."""
+    if channels is None:
+        return tuple(widths)
+    if isinstance(channels, int):
+        channels = [channels] * len(widths)
+    channels = tuple(int(c) for c in channels)
+    if len(channels) != len(widths) or any(c <= 0 for c in channels):
+        raise ValueError(f"message_channels {channels}: one positive number, or one per level of {widths}")
+    return tuple(min(c, w) for c, w in zip(channels, widths, strict=True))
 
 
 def _channel_groups(features: torch.Tensor, slots: Sequence[int], groups: int) -> torch.Tensor:

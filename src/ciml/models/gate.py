@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ciml.models.backbone import conv
@@ -169,25 +170,34 @@ class InformationGate(nn.Module):
             features it reads already carry spatial context, and a 3x3 kernel made the gates cost more
             than the segmentors themselves.
         momentum: update rate of the running prior statistics, as BatchNorm's.
+        message_channels: channels of the value v and the message latent z (default: ``channels``).
+            Fewer channels make a narrower bottleneck (still charged nat by nat against the prior)
+            and the gates' per-voxel tensors proportionally smaller.
     """
 
     def __init__(
-        self, channels: int, spatial_dims: int, attention_channels: int | None = None, momentum: float = 0.1
+        self,
+        channels: int,
+        spatial_dims: int,
+        attention_channels: int | None = None,
+        momentum: float = 0.1,
+        message_channels: int | None = None,
     ) -> None:
         super().__init__()
         hidden = attention_channels or max(4, channels // 2)
-        self.value = conv(spatial_dims, channels, channels)
+        latent = message_channels or channels
+        self.value = conv(spatial_dims, channels, latent)
         self.attention = nn.Sequential(
             conv(spatial_dims, 2 * channels, hidden),
             nn.LeakyReLU(0.01, inplace=True),
             conv(spatial_dims, hidden, 1),
         )
-        self.project = conv(spatial_dims, channels, channels)
+        self.project = conv(spatial_dims, latent, channels)
         nn.init.zeros_(self.project.weight)
         nn.init.zeros_(self.project.bias)
         self.momentum = momentum
-        self.register_buffer("running_mean", torch.zeros(channels))
-        self.register_buffer("running_std", torch.ones(channels))
+        self.register_buffer("running_mean", torch.zeros(latent))
+        self.register_buffer("running_std", torch.ones(latent))
 
     def forward(self, receiver: torch.Tensor, sender: torch.Tensor, closed: bool = False) -> GateOutput:
         value = self.value(sender)
@@ -234,6 +244,7 @@ def grouped_gates(
     senders: torch.Tensor,
     sender_slots: Sequence[int],
     closed: bool = False,
+    recompute: bool = False,
 ) -> GroupedGateOutput:
     """Run P gates at one level as a few grouped convolutions; the same maths as calling each gate.
 
@@ -250,12 +261,60 @@ def grouped_gates(
         senders: candidate senders' features [B, S * C, *spatial].
         sender_slots: for each gate, the group of its sender in ``senders``.
         closed: force lambda = 0 (no information flows).
+        recompute: when gradients are on, keep none of the bank's per-voxel tensors for backward and
+            recompute them there from the features (which the segmentors keep anyway), with the same
+            noise (:func:`torch.utils.checkpoint.checkpoint`, RNG state preserved). Same values and
+            gradients; the gates then hold almost no memory between forward and backward.
     """
+    count = len(gates)
+    receiver_count = receivers.shape[1] // gates[0].value.in_channels
+    if (count // receiver_count) * receiver_count != count or len(sender_slots) != count:
+        raise ValueError(f"{count} gates do not split evenly over {receiver_count} receivers")
+    training = gates[0].training
+    if recompute and torch.is_grad_enabled():
+        # one recomputed bank per receiver: backward then holds one receiver's gate tensors at a time
+        per_receiver = count // receiver_count
+        parts = [
+            torch.utils.checkpoint.checkpoint(
+                _gate_bank,
+                gates[r * per_receiver : (r + 1) * per_receiver],
+                own,
+                senders,
+                sender_slots[r * per_receiver : (r + 1) * per_receiver],
+                closed,
+                training,
+                use_reentrant=False,
+                preserve_rng_state=receivers.device.type != "meta",
+            )
+            for r, own in enumerate(receivers.chunk(receiver_count, dim=1))
+        ]
+        joined = [
+            torch.cat(tensors, dim=0 if i > 2 else 1) for i, tensors in enumerate(zip(*parts, strict=True))
+        ]
+        messages, kl, attention, *stats = joined  # statistics [P, C] join along gates, maps along channels
+    else:
+        messages, kl, attention, *stats = _gate_bank(
+            gates, receivers, senders, sender_slots, closed, training
+        )
+    if training:  # outside the recomputed function: the running prior moves once per forward
+        for gate, mean, std in zip(gates, *stats, strict=True):
+            gate.update_prior(mean, std)
+    return GroupedGateOutput(messages, kl.squeeze(2), attention.squeeze(2))
+
+
+def _gate_bank(
+    gates: Sequence[InformationGate],
+    receivers: torch.Tensor,
+    senders: torch.Tensor,
+    sender_slots: Sequence[int],
+    closed: bool,
+    training: bool,
+) -> tuple[torch.Tensor, ...]:
+    """(messages, KL maps, attention) and, while training, the batch prior statistics (mean, sd)."""
     count, channels = len(gates), gates[0].value.in_channels
+    latent = gates[0].value.out_channels
     receiver_count = receivers.shape[1] // channels
     per_receiver = count // receiver_count
-    if per_receiver * receiver_count != count or len(sender_slots) != count:
-        raise ValueError(f"{count} gates do not split evenly over {receiver_count} receivers")
     sender_features = senders.unflatten(1, (-1, channels))[:, list(sender_slots)].flatten(1, 2)
     first_psi = [gate.attention[0] for gate in gates]
     # value phi (and psi's sender half unless closed) from each gate's sender, as one grouped conv
@@ -274,7 +333,7 @@ def grouped_gates(
         value = sender_side
         attention = value.new_zeros(value.shape[:2] + (1,) + value.shape[3:])
     else:
-        value, sender_half = sender_side.split([channels, sender_side.shape[2] - channels], dim=2)
+        value, sender_half = sender_side.split([latent, sender_side.shape[2] - latent], dim=2)
         receiver_half = stacked([a.weight[:, :channels] for a in first_psi])
         hidden = sender_half + grouped_pointwise(receivers, receiver_half, groups=receiver_count).unflatten(
             1, (count, -1)
@@ -290,10 +349,7 @@ def grouped_gates(
         attention = torch.sigmoid(logits).unsqueeze(2)
     running_mean = torch.stack([g.running_mean for g in gates])
     running_std = torch.stack([g.running_std for g in gates])
-    z, kl, batch_stats = bottleneck(value, attention, running_mean, running_std, gates[0].training, 2)
-    if batch_stats is not None:
-        for gate, mean, std in zip(gates, *batch_stats, strict=True):
-            gate.update_prior(mean, std)
+    z, kl, batch_stats = bottleneck(value, attention, running_mean, running_std, training, 2)
     project_weight = torch.cat(
         [
             torch.cat([g.project.weight for g in gates[r * per_receiver : (r + 1) * per_receiver]], dim=1)
@@ -304,4 +360,4 @@ def grouped_gates(
         torch.stack([g.project.bias for g in gates]).unflatten(0, (receiver_count, -1)).sum(1).flatten()
     )
     messages = grouped_pointwise(z.flatten(1, 2), project_weight, project_bias, groups=receiver_count)
-    return GroupedGateOutput(messages, kl.squeeze(2), attention.squeeze(2))
+    return (messages, kl, attention, *(batch_stats or ()))

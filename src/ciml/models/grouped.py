@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ciml.models.backbone import UNetDecoder, UNetEncoder
+from ciml.models.backbone import UNetDecoder, UNetEncoder, maybe_checkpoint
 
 CONV_FN = {2: F.conv2d, 3: F.conv3d}
 TRANSPOSED_CONV_FN = {2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -114,8 +114,10 @@ def interleave(a: torch.Tensor, b: torch.Tensor, groups: int) -> torch.Tensor:
 def grouped_encoder(x: torch.Tensor, encoders: Sequence[UNetEncoder]) -> list[torch.Tensor]:
     """Every encoder on its own input channels (``x`` holds them in encoder order); features per level."""
     features = []
+    enabled = encoders[0].checkpoint_activations
     for level in range(len(encoders[0].stages)):
-        x = grouped_stage(x, [encoder.stages[level] for encoder in encoders])
+        stages = [encoder.stages[level] for encoder in encoders]
+        x = maybe_checkpoint(lambda x, stages=stages: grouped_stage(x, stages), x, enabled=enabled)
         features.append(x)
     return features
 
@@ -127,9 +129,15 @@ def grouped_decoder(skips: Sequence[torch.Tensor], decoders: Sequence[UNetDecode
     """
     groups = len(decoders)
     x = skips[-1]
-    for level in reversed(range(len(skips) - 1)):
+
+    def decoder_level(x: torch.Tensor, skip: torch.Tensor, level: int) -> torch.Tensor:
         x = grouped_transposed_conv(x, [d.upsample[level] for d in decoders])
-        x = grouped_stage(interleave(x, skips[level], groups), [d.stages[level] for d in decoders])
+        return grouped_stage(interleave(x, skip, groups), [d.stages[level] for d in decoders])
+
+    for level in reversed(range(len(skips) - 1)):
+        x = maybe_checkpoint(
+            decoder_level, x, skips[level], level, enabled=decoders[0].checkpoint_activations
+        )
     return [
         decoder.head(features) for decoder, features in zip(decoders, x.chunk(groups, dim=1), strict=True)
     ]

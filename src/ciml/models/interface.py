@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from ciml.errors import CimlError
+from ciml.errors import CimlError, ParameterError
 
 
 class MissingModalities(enum.StrEnum):
@@ -84,6 +84,16 @@ class SegmentationNetwork(nn.Module):
     def size_divisor(self) -> int:
         """Every spatial input size must be divisible by this."""
         raise NotImplementedError
+
+    @property
+    def checkpoint_activations(self) -> bool:
+        """Whether the network recomputes its stages in backward instead of keeping their activations."""
+        return False
+
+    @checkpoint_activations.setter
+    def checkpoint_activations(self, enabled: bool) -> None:
+        if enabled:
+            raise ParameterError("checkpoint_activations", f"not supported by the {self.name} model")
 
     # ------------------------------------------------------------------------------------- derived facts
     @property

@@ -4,7 +4,7 @@ Example:
     >>> from ciml.tasks import load_task
     >>> model = build_model("ciml", load_task("brats2020"), widths=(4, 8), spatial_dims=3)
     >>> sorted(model.config)
-    ['message_levels', 'name', 'spatial_dims', 'task', 'widths']
+    ['format_version', 'message_channels', 'message_levels', 'name', 'spatial_dims', 'task', 'widths']
     >>> model.owners["TC"]
     ('t1', 't2', 't1ce')
 """
@@ -22,6 +22,9 @@ from ciml.models.interface import SegmentationNetwork
 from ciml.tasks import TaskSpec, load_task
 
 DEFAULT_WIDTHS = (32, 64, 128, 256, 320)
+#: Version of ``model.config`` and of the checkpoints written with it. 1: before message_channels (read
+#: as full-width messages, the same architecture); 2: adds ``message_channels`` and this key.
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,12 @@ def _fallback_by_modality(spec: TaskSpec) -> dict[str, tuple[str, ...]]:
 
 
 def _ciml(
-    spec: TaskSpec, widths: Sequence[int], spatial_dims: int, message_levels=None, **interface: Any
+    spec: TaskSpec,
+    widths: Sequence[int],
+    spatial_dims: int,
+    message_levels=None,
+    message_channels=None,
+    **interface: Any,
 ) -> SegmentationNetwork:
     return CIMLNet(
         spec.modality_names,
@@ -59,12 +67,18 @@ def _ciml(
         spatial_dims,
         message_levels,
         fallback=_fallback_by_modality(spec),
+        message_channels=message_channels,
         **interface,
     )
 
 
 def _ciml_nomsg(
-    spec: TaskSpec, widths: Sequence[int], spatial_dims: int, message_levels=None, **interface: Any
+    spec: TaskSpec,
+    widths: Sequence[int],
+    spatial_dims: int,
+    message_levels=None,
+    message_channels=None,
+    **interface: Any,
 ) -> SegmentationNetwork:
     return CIMLNet(
         spec.modality_names,
@@ -78,20 +92,35 @@ def _ciml_nomsg(
 
 
 def _ensemble(
-    spec: TaskSpec, widths: Sequence[int], spatial_dims: int, message_levels=None, **interface: Any
+    spec: TaskSpec,
+    widths: Sequence[int],
+    spatial_dims: int,
+    message_levels=None,
+    message_channels=None,
+    **interface: Any,
 ) -> SegmentationNetwork:
     every_region = {m: spec.region_names for m in spec.modality_names}
     return CIMLNet(spec.modality_names, every_region, widths, spatial_dims, message_levels=(), **interface)
 
 
 def _joint(
-    spec: TaskSpec, widths: Sequence[int], spatial_dims: int, message_levels=None, **interface: Any
+    spec: TaskSpec,
+    widths: Sequence[int],
+    spatial_dims: int,
+    message_levels=None,
+    message_channels=None,
+    **interface: Any,
 ) -> SegmentationNetwork:
     return JointUNet(spec.modality_names, spec.region_names, widths, spatial_dims, **interface)
 
 
 def _segresnet(
-    spec: TaskSpec, widths: Sequence[int], spatial_dims: int, message_levels=None, **interface: Any
+    spec: TaskSpec,
+    widths: Sequence[int],
+    spatial_dims: int,
+    message_levels=None,
+    message_channels=None,
+    **interface: Any,
 ) -> SegmentationNetwork:
     return SegResNetPeer(spec.modality_names, spec.region_names, widths, spatial_dims, **interface)
 
@@ -121,6 +150,7 @@ def build_model(
     spatial_dims: int = 3,
     message_levels: Sequence[int] | None = None,
     zero_fill_missing: bool = False,
+    message_channels: int | Sequence[int] | None = None,
 ) -> SegmentationNetwork:
     """Build a named network for ``task``.
 
@@ -128,7 +158,9 @@ def build_model(
     ``config`` holds what rebuilds it (see :func:`model_from_config`). ``zero_fill_missing`` lets a
     network on stacked modalities (entries with ``zero_fill``) run without some modalities, their channels
     zeroed, for models trained with modality dropout; CIML-family networks skip a missing modality's
-    segmentor anyway and ignore it.
+    segmentor anyway and ignore it. ``message_channels``: channels of the gates' value and latent z, one
+    for all levels or one per level (capped at each level's width; default: the width itself); ignored
+    by networks without gates.
 
     Raises:
         CimlError: unknown model name or invalid settings.
@@ -141,25 +173,51 @@ def build_model(
         raise CimlError(f"widths must be positive integers, got {widths}")
     if spatial_dims not in (2, 3):
         raise CimlError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if message_channels is not None and not isinstance(message_channels, int):
+        message_channels = [int(c) for c in message_channels]
     config = {
+        "format_version": FORMAT_VERSION,
         "name": name,
         "task": spec.to_dict(),
         "widths": list(widths),
         "spatial_dims": spatial_dims,
         "message_levels": None if message_levels is None else list(message_levels),
+        "message_channels": message_channels,
     }
     entry = MODELS[name]
     options = {}
     if zero_fill_missing and entry.zero_fill:
         config["zero_fill_missing"] = True  # absent from older configs: they refuse missing inputs
         options["zero_fill_missing"] = True
-    return entry.build(
-        spec, widths, spatial_dims, message_levels, config=config, fixed_beta=entry.fixed_beta, **options
-    )
+    try:
+        return entry.build(
+            spec,
+            widths,
+            spatial_dims,
+            message_levels,
+            message_channels,
+            config=config,
+            fixed_beta=entry.fixed_beta,
+            **options,
+        )
+    except ValueError as error:
+        raise CimlError(str(error)) from error
 
 
 def model_from_config(config: dict[str, Any]) -> SegmentationNetwork:
-    """Rebuild a network from ``model.config`` (as stored in checkpoints)."""
+    """Rebuild a network from ``model.config`` (as stored in checkpoints).
+
+    A config without ``format_version`` is version 1 (full-width messages, the same architecture).
+
+    Raises:
+        CimlError: the config comes from a newer ciml (a format this version cannot build).
+    """
+    version = int(config.get("format_version", 1))
+    if version > FORMAT_VERSION:
+        raise CimlError(
+            f"checkpoint model format version {version} is newer than this ciml's ({FORMAT_VERSION}); "
+            "upgrade ciml to load it"
+        )
     return build_model(
         config["name"],
         config["task"],
@@ -167,4 +225,24 @@ def model_from_config(config: dict[str, Any]) -> SegmentationNetwork:
         config["spatial_dims"],
         config.get("message_levels"),
         zero_fill_missing=bool(config.get("zero_fill_missing", False)),
+        message_channels=config.get("message_channels"),
     )
+
+
+def check_state_dict(model: SegmentationNetwork, state: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose tensors do not fit ``model``, naming the format versions involved.
+
+    Raises:
+        CimlError: a missing or unexpected parameter, or one of a different shape.
+    """
+    own = model.state_dict()
+    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if mismatched or missing or unexpected:
+        first = (mismatched or missing or unexpected)[0]
+        version = model.config.get("format_version", 1)
+        raise CimlError(
+            f"checkpoint does not fit the model (config format version {version}, this ciml writes "
+            f"{FORMAT_VERSION}): {len(mismatched)} tensors of another shape, {len(missing)} missing, "
+            f"{len(unexpected)} unexpected, e.g. {first!r}"
+        )

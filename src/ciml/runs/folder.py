@@ -23,7 +23,7 @@ import torch
 
 from ciml.errors import CimlError
 from ciml.files import write_json_atomic
-from ciml.models import SegmentationNetwork, model_from_config
+from ciml.models import SegmentationNetwork, check_state_dict, model_from_config
 from ciml.runs import load_checkpoint
 from ciml.tasks import TaskSpec
 
@@ -110,6 +110,7 @@ class RunFolder:
                 f"{path}: checkpoint does not match {self.info_path} (differs in: {', '.join(differing)})"
             )
         model = model_from_config(state["config"])
+        check_state_dict(model, state["model"])  # names the format versions, not a shape traceback
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as exc:

@@ -78,6 +78,7 @@ class TrainSettings:
     max_validation_cases: int | None = None
     amp: bool = TrainConfig.amp
     compile: bool = TrainConfig.compile
+    checkpoint_activations: bool = False
     resume: bool = False
     tensorboard: bool = False
     progress: bool = True
@@ -340,6 +341,8 @@ def _train_checked(
         spatial_dims=3,
         zero_fill_missing=settings.modality_dropout > 0,
     )
+    if settings.checkpoint_activations:
+        model.checkpoint_activations = True  # networks that cannot recompute their stages refuse it
     plan = _load_or_make_plan(run, cases, spec, settings)
     cache = PreprocessedCache(run.path / "preprocessed", spec, plan)
     if rank == 0:

@@ -1,0 +1,92 @@
+"""Recomputing gate tensors and checkpointing segmentor activations change memory, not results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ciml.errors import CimlError
+from ciml.models import build_model, model_from_config
+from ciml.models.registry import FORMAT_VERSION, check_state_dict
+
+
+def _loss_and_grads(name, x, **options):
+    torch.manual_seed(0)
+    model = build_model(name, "brats2020", widths=(4, 8, 8)).train()
+    for gate in getattr(model, "gates", {}).values():
+        torch.nn.init.normal_(gate.project.weight, std=0.5)
+    for key, value in options.items():
+        setattr(model, key, value)
+    torch.manual_seed(1)  # the same noise eps for both runs
+    out = model(x)
+    loss = sum((logits.sigmoid() ** 2).mean() for logits in out.logits.values()) + out.kl
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, dict(model.named_buffers())
+
+
+def _without_recomputation(fn, *args, use_reentrant=False, preserve_rng_state=True):
+    return fn(*args)
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("ciml", {"recompute_gates": True}),
+        ("ciml", {"checkpoint_activations": True}),
+        ("joint", {"checkpoint_activations": True}),
+    ],
+)
+def test_losses_gradients_and_running_statistics_are_unchanged(name, options, monkeypatch):
+    """The same computation run without recomputation (checkpoint replaced by a plain call) as baseline.
+
+    Real noise eps: the recomputation must redraw exactly the forward's noise.
+    """
+    x = torch.randn(2, 4, 8, 8, 8)
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.utils.checkpoint, "checkpoint", _without_recomputation)
+        loss_a, grads_a, buffers_a = _loss_and_grads(name, x, **options)
+    loss_b, grads_b, buffers_b = _loss_and_grads(name, x, **options)
+    torch.testing.assert_close(loss_a, loss_b)
+    assert sorted(grads_a) == sorted(grads_b) and grads_a
+    for key in grads_a:
+        torch.testing.assert_close(grads_a[key], grads_b[key], rtol=1e-3, atol=1e-5, msg=key)
+    for key in buffers_a:  # the prior moves once per forward, not again in the recomputation
+        torch.testing.assert_close(buffers_a[key], buffers_b[key], msg=key)
+
+
+def test_recomputed_gates_equal_the_kept_ones_up_to_the_noise_draws(monkeypatch):
+    """Banks per receiver draw eps in another order; with eps = 0 the two forms are the same."""
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
+    x = torch.randn(2, 4, 8, 8, 8)
+    loss_a, grads_a, _ = _loss_and_grads("ciml", x, recompute_gates=False)
+    loss_b, grads_b, _ = _loss_and_grads("ciml", x, recompute_gates=True)
+    torch.testing.assert_close(loss_a, loss_b)
+    for key in grads_a:
+        torch.testing.assert_close(grads_a[key], grads_b[key], rtol=1e-3, atol=1e-5, msg=key)
+
+
+def test_message_channels_narrow_the_latent_and_round_trip_through_the_config():
+    model = build_model("ciml", "brats2020", widths=(8, 16), message_channels=4)
+    gate = model.gates["0/flair<-t1"]
+    assert gate.value.out_channels == 4 and gate.project.in_channels == 4 and gate.running_mean.shape == (4,)
+    assert model.config["format_version"] == FORMAT_VERSION and model.config["message_channels"] == 4
+    rebuilt = model_from_config(model.config)
+    rebuilt.load_state_dict(model.state_dict())
+    out = model(torch.randn(1, 4, 8, 8, 8))
+    assert out.logits["flair"].shape == (1, 1, 8, 8, 8)
+
+
+def test_a_version_1_config_builds_the_full_width_gates():
+    config = build_model("ciml", "brats2020", widths=(4, 8)).config
+    legacy = {k: v for k, v in config.items() if k not in ("format_version", "message_channels")}
+    assert model_from_config(legacy).gates["0/flair<-t1"].value.out_channels == 4
+
+
+def test_checkpoints_of_another_format_fail_with_the_version_named():
+    narrow = build_model("ciml", "brats2020", widths=(8, 16), message_channels=4)
+    full = build_model("ciml", "brats2020", widths=(8, 16))
+    with pytest.raises(CimlError, match="format version"):
+        check_state_dict(full, narrow.state_dict())
+    with pytest.raises(CimlError, match="newer than"):
+        model_from_config({**full.config, "format_version": FORMAT_VERSION + 1})
