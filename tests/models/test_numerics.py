@@ -177,7 +177,7 @@ def test_a_missing_entry_fails_saying_how_to_regenerate(fixture):
 
 
 def test_the_fixture_is_small():
-    assert FIXTURE.stat().st_size < 200 * 1024
+    assert FIXTURE.stat().st_size < 400 * 1024  # fixtures stay well under the 1 MB the project allows
 
 
 def test_the_training_step_is_deterministic():

@@ -34,7 +34,7 @@ def test_without_zero_fill_stacked_models_refuse_and_ciml_ignores_the_flag():
     spec = load_task("brats2020")
     joint = build_model("joint", spec, widths=(4, 8), spatial_dims=3)
     assert "zero_fill_missing" not in joint.config  # configs of older runs rebuild unchanged
-    with pytest.raises(CimlError, match="cannot run without t1, t2; train it with --modality-dropout"):
+    with pytest.raises(CimlError, match="cannot run without t1, t2; train it with modality dropout"):
         joint(torch.randn(1, 4, *SIZE), present=("flair", "t1ce"))
     ciml = build_model("ciml", spec, widths=(4, 8), spatial_dims=3, zero_fill_missing=True)
     assert "zero_fill_missing" not in ciml.config  # CIML skips a missing modality's segmentor instead
