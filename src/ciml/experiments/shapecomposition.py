@@ -141,7 +141,7 @@ def evaluate_method(
         target = batch["regions"].bool().numpy()
         for i, region in enumerate(regions):
             dice[region].append(composite_dice(predicted[:, i], target[:, i]))
-        if method == "ensemble":
+        if model.is_ensemble:
             for segmentor, logits in output.logits.items():
                 member = (logits[:, output.owned[segmentor].index(COMPOSITE)] > 0).numpy()
                 unimodal.setdefault(segmentor, []).append(composite_dice(member, target[:, composite_index]))
@@ -149,7 +149,7 @@ def evaluate_method(
             size = batch["image"].shape[2:]
             for (receiver, sender), meter in meters.items():
                 meter.update(_information_into(output, receiver, sender, size), batch["visibility"])
-            for receiver in set(model.decoders) - set(receivers):
+            for receiver in set(model.segmentors) - set(receivers):
                 for sender in modalities:
                     if sender != receiver:
                         info = _information_into(output, receiver, sender, size)
@@ -268,11 +268,11 @@ def plot_examples(results: dict[str, Any], path: Path, samples: int = 3) -> None
             output = model(image, return_maps=bool(model.message_levels))
             probabilities = output.region_probabilities(spec.region_names)[:, composite].numpy()
             columns.append((method, probabilities > REGION_THRESHOLD, "magma"))
-            if method == "ciml":
+            if model.message_levels and not info_maps:  # the first gated method's information
                 size = image.shape[2:]
                 for sender in senders:
                     info = _information_into(output, receiver, sender, size).numpy()
-                    info_maps.append((f"ciml info {receiver}<-{sender}\n(nats/voxel)", info, "viridis"))
+                    info_maps.append((f"{method} info {receiver}<-{sender}\n(nats/voxel)", info, "viridis"))
     columns += info_maps
     figure, axes = plt.subplots(
         samples, len(columns), figsize=(1.9 * len(columns), 2.0 * samples), squeeze=False
