@@ -158,7 +158,7 @@ def test_hecktor_summary_is_the_aggregated_dice(tmp_path):
     per_case_mean = result.summary["regions"]["GTVp"]["dice"]["mean"]
     # Per case (both-empty scores 1) it is 2/3: informative, but not the ranking score.
     assert per_case_mean == pytest.approx((1 + 0 + 1) / 3)
-    assert result.cases["CHUP-001"]["GTVp"]["pred_voxels"] == 2
+    assert result.cases["CHUP-001"]["GTVp"]["pred_mm3"] == pytest.approx(2 * np.prod(SPACING))
     assert "dice_agg" in result.table()
 
 
