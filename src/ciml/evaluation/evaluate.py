@@ -152,7 +152,7 @@ def resolve_convention(spec: TaskSpec, convention: str | None = None) -> Convent
         if labels != expected:
             tissues = ", ".join(f"{t.name}={list(t.labels)}" for t in conv.lesionwise.tissues)
             raise EvaluationError(
-                f"convention {name!r} scores label values {sorted(expected)} ({tissues}), but task "
+                f"convention={name!r} scores label values {sorted(expected)} ({tissues}), but task "
                 f"{spec.name!r} has labels {sorted(labels)}; use the convention of the task's challenge"
             )
     return conv
@@ -208,17 +208,17 @@ def scoring(
     conv = resolve_convention(spec, convention)
     metrics = metrics or conv.default_metrics
     if metrics not in METRIC_SETS:
-        raise EvaluationError(f"metrics {metrics!r} is not one of {', '.join(METRIC_SETS)}")
+        raise EvaluationError(f"metrics={metrics!r} is not one of {', '.join(METRIC_SETS)}")
     if metrics != "legacy" and conv.lesionwise is None:
         with_rules = ", ".join(n for n, c in CONVENTIONS.items() if c.lesionwise is not None)
         raise EvaluationError(
-            f"metrics {metrics!r}: convention {conv.name!r} has no lesion-wise rules (those are BraTS "
+            f"metrics={metrics!r}: convention {conv.name!r} has no lesion-wise rules (those are BraTS "
             f"2023+: {with_rules})"
         )
     if hd95 is not None and hd95 not in HD95_VARIANTS:
-        raise EvaluationError(f"hd95 {hd95!r} is not one of {', '.join(HD95_VARIANTS)}")
+        raise EvaluationError(f"hd95={hd95!r} is not one of {', '.join(HD95_VARIANTS)}")
     if hd95 is not None and conv.hd95 is None:
-        raise EvaluationError(f"hd95 {hd95!r}: convention {conv.name!r} reports no HD95")
+        raise EvaluationError(f"hd95={hd95!r}: convention {conv.name!r} reports no HD95")
     return Scoring(conv, metrics, hd95 or conv.hd95)
 
 

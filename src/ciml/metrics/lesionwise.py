@@ -265,9 +265,7 @@ def _legacy(
     }
 
 
-def _tissue_lesions(
-    labels: np.ndarray, rules: LesionwiseRules, is_prediction: bool
-) -> dict[str, np.ndarray]:
+def _tissue_lesions(labels: np.ndarray, rules: LesionwiseRules, is_prediction: bool) -> dict[str, np.ndarray]:
     """Lesion maps of every tissue of one label map (steps 1-3 of the module docstring)."""
     lesions = {}
     for tissue in rules.tissues:
