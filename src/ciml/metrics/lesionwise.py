@@ -142,29 +142,24 @@ def _box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
     )
 
 
-def _dilate(mask: np.ndarray, iterations: int) -> np.ndarray:
-    """``binary_dilation`` with the challenges' 18-neighbourhood, computed inside a bounding box."""
-    out = np.zeros_like(mask, dtype=bool)
-    if iterations <= 0 or not mask.any():
-        return mask.astype(bool) | out
-    box = _box(mask, iterations)
-    out[box] = ndimage.binary_dilation(mask[box], _DILATION_STRUCTURE, iterations=iterations)
-    return out
-
-
 def merged_lesions(mask: np.ndarray, dilation: int) -> np.ndarray:
     """Lesion ids (0 = background): components that share a component of the dilated mask are one."""
     mask = np.asarray(mask, dtype=bool)
-    if not mask.any():
-        return np.zeros(mask.shape, dtype=np.int32)
-    grown, _ = ndimage.label(_dilate(mask, dilation), structure=_CONNECTED_26)
-    return np.where(mask, grown, 0).astype(np.int32)
+    out = np.zeros(mask.shape, dtype=np.int32)
+    if mask.any():
+        box = _box(mask, dilation)  # the dilation cannot reach beyond it
+        inner = mask[box]
+        grown = inner
+        if dilation:
+            grown = ndimage.binary_dilation(inner, _DILATION_STRUCTURE, iterations=dilation)
+        labels, _ = ndimage.label(grown, structure=_CONNECTED_26)
+        out[box] = np.where(inner, labels, 0)
+    return out
 
 
 def connected_lesions(mask: np.ndarray) -> np.ndarray:
     """26-connected components (``cc3d.connected_components(connectivity=26)``)."""
-    labels, _ = ndimage.label(np.asarray(mask, dtype=bool), structure=_CONNECTED_26)
-    return labels.astype(np.int32)
+    return merged_lesions(mask, 0)
 
 
 def drop_small(lesions: np.ndarray, max_voxels: float) -> np.ndarray:
@@ -176,7 +171,39 @@ def drop_small(lesions: np.ndarray, max_voxels: float) -> np.ndarray:
 
 
 def _ids(lesions: np.ndarray) -> list[int]:
-    return [int(i) for i in np.unique(lesions) if i != 0]
+    """Lesion ids present (ascending, no background); a histogram is far faster than ``np.unique``."""
+    if lesions.size == 0:
+        return []
+    return [int(i) for i in np.flatnonzero(np.bincount(lesions.ravel())) if i != 0]
+
+
+Box = tuple[slice, ...]
+
+
+def _grow(box: Box, margin: int, shape: tuple[int, ...]) -> Box:
+    return tuple(
+        slice(max(b.start - margin, 0), min(b.stop + margin, n)) for b, n in zip(box, shape, strict=True)
+    )
+
+
+def _cover(boxes: Sequence[Box]) -> Box:
+    """Smallest box holding all of ``boxes``."""
+    return tuple(
+        slice(min(b[i].start for b in boxes), max(b[i].stop for b in boxes)) for i in range(len(boxes[0]))
+    )
+
+
+def _boxes(lesions: np.ndarray) -> dict[int, Box]:
+    """Lesion id -> bounding box (``ndimage.find_objects``)."""
+    return {i + 1: box for i, box in enumerate(ndimage.find_objects(lesions)) if box is not None}
+
+
+def _touched(lesions: np.ndarray, lesion: int, box: Box, iterations: int, other: np.ndarray) -> list[int]:
+    """Ids of ``other`` inside ``lesion`` dilated ``iterations`` times (18-neighbourhood)."""
+    grown = _grow(box, iterations, lesions.shape)
+    own = lesions[grown] == lesion
+    dilated = ndimage.binary_dilation(own, _DILATION_STRUCTURE, iterations=iterations) if iterations else own
+    return _ids(other[grown][dilated])
 
 
 def merge_touching(lesions: np.ndarray, other: np.ndarray) -> np.ndarray:
@@ -187,8 +214,8 @@ def merge_touching(lesions: np.ndarray, other: np.ndarray) -> np.ndarray:
     lowest touched lesion is the same; lesions touching nothing keep their own id.
     """
     first_touched: dict[int, int] = {}
-    for lesion in _ids(lesions):
-        touched = _ids(np.where(_dilate(lesions == lesion, 1), other, 0))
+    for lesion, box in _boxes(lesions).items():
+        touched = _touched(lesions, lesion, box, 1, other)
         if touched:
             first_touched[lesion] = touched[0]
     if not first_touched:
@@ -220,13 +247,19 @@ def match_lesions(
     spacing: tuple[float, float, float],
     penalty: float,
 ) -> list[LesionMatch]:
-    """Per reference lesion: its volume, the predicted lesions touching its dilation, Dice and HD95."""
+    """Per reference lesion: its volume, the predicted lesions touching its dilation, Dice and HD95.
+
+    Works inside bounding boxes (the lesion dilated, and its matched predicted lesions), which hold
+    every voxel of both masks, so the scores equal the whole-volume ones at a fraction of the cost.
+    """
     voxel_mm3 = float(np.prod(spacing))
+    pred_boxes = _boxes(pred_lesions)
     matches = []
-    for lesion in _ids(ref_lesions):
-        own = ref_lesions == lesion
-        hit = tuple(_ids(np.where(_dilate(own, dilation), pred_lesions, 0)))
-        union = np.isin(pred_lesions, hit) if hit else np.zeros_like(own)
+    for lesion, box in _boxes(ref_lesions).items():
+        hit = tuple(_touched(ref_lesions, lesion, box, dilation, pred_lesions))
+        joint = _cover([box, *(pred_boxes[i] for i in hit)])
+        own = ref_lesions[joint] == lesion
+        union = np.isin(pred_lesions[joint], hit) if hit else np.zeros_like(own)
         hd = robust_hausdorff(surface_distances(union, own, spacing)) if hit else math.inf
         matches.append(
             LesionMatch(

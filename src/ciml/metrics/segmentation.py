@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from ciml.tasks.spec import TaskSpec
 
@@ -100,8 +101,13 @@ def _surface(mask: np.ndarray) -> np.ndarray:
 
 
 def _directed_distances(src: np.ndarray, dst: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
-    """Distance in mm from every ``src`` voxel to the nearest ``dst`` voxel (``dst`` non-empty)."""
-    return ndimage.distance_transform_edt(~dst, sampling=spacing)[src]
+    """Distance in mm from every ``src`` voxel to the nearest ``dst`` voxel (``dst`` non-empty).
+
+    A k-d tree over the sparse surface voxels gives the exact Euclidean distances of a distance
+    transform of the box, several times faster on BraTS-sized regions.
+    """
+    scale = np.asarray(spacing, dtype=np.float64)
+    return cKDTree(np.argwhere(dst) * scale).query(np.argwhere(src) * scale, k=1)[0]
 
 
 def hd95(

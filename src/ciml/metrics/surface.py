@@ -24,7 +24,7 @@ from functools import lru_cache
 
 import numpy as np
 from monai.metrics.utils import _get_neighbour_code_to_normals_table
-from scipy import ndimage
+from scipy.spatial import cKDTree
 
 #: Bit of each corner of the 2x2x2 neighbourhood (offset along axes 0, 1, 2), DeepMind's encoding.
 _CORNER_BITS = {(a, b, c): 1 << (7 - (4 * a + 2 * b + c)) for a in (0, 1) for b in (0, 1) for c in (0, 1)}
@@ -70,10 +70,17 @@ class SurfaceDistances:
     ref_areas: np.ndarray
 
 
-def _distances_to(surface: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
-    if not surface.any():
-        return np.full(surface.shape, np.inf)
-    return ndimage.distance_transform_edt(~surface, sampling=spacing)
+def _distances(src: np.ndarray, dst: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
+    """Distance in mm from each ``src`` point (in ``src[mask]`` order) to the nearest ``dst`` point.
+
+    A k-d tree over the surface points: the same exact Euclidean distances as a distance transform
+    of the box, several times faster because surfaces are sparse.
+    """
+    if not dst.any():
+        return np.full(int(src.sum()), np.inf)
+    scale = np.asarray(spacing, dtype=np.float64)
+    tree = cKDTree(np.argwhere(dst) * scale)
+    return tree.query(np.argwhere(src) * scale, k=1)[0]
 
 
 def surface_distances(
@@ -102,9 +109,9 @@ def surface_distances(
     on_pred = (codes_pred != 0) & (codes_pred != _FULL)
     on_ref = (codes_ref != 0) & (codes_ref != _FULL)
     return SurfaceDistances(
-        pred_to_ref=_distances_to(on_ref, spacing)[on_pred],
+        pred_to_ref=_distances(on_pred, on_ref, spacing),
         pred_areas=table[codes_pred[on_pred]],
-        ref_to_pred=_distances_to(on_pred, spacing)[on_ref],
+        ref_to_pred=_distances(on_ref, on_pred, spacing),
         ref_areas=table[codes_ref[on_ref]],
     )
 
