@@ -393,7 +393,8 @@ def test_cli_metrics_flag_and_errors_in_flags(tmp_path, capsys):
     spec.write_text(BRATS2023_SPEC)
     pred_dir, ref_dir = write_flat(tmp_path, brats2023_cases())
     out = tmp_path / "m.json"
-    args = ["evaluate", "--task", str(spec), "--pred", str(pred_dir), "--ref", str(ref_dir), "--out", str(out)]
+    args = ["evaluate", "--task", str(spec), "--pred", str(pred_dir), "--ref", str(ref_dir)]
+    args += ["--out", str(out)]
     assert ciml.cli.main([*args, "--metrics", "lesionwise"]) == 0
     data = json.loads(out.read_text())
     assert data["metrics"] == "lesionwise" and data["hd95"] == "surface"

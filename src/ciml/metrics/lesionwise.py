@@ -164,10 +164,9 @@ def connected_lesions(mask: np.ndarray) -> np.ndarray:
 
 def drop_small(lesions: np.ndarray, max_voxels: float) -> np.ndarray:
     """Remove lesions of at most ``max_voxels`` voxels (2024 predictions)."""
-    sizes = np.bincount(lesions.ravel())
-    small = np.flatnonzero(sizes <= max_voxels)
-    small = small[small != 0]
-    return np.where(np.isin(lesions, small), 0, lesions).astype(np.int32)
+    keep = np.bincount(lesions.ravel()) > max_voxels
+    keep[0] = False
+    return np.where(keep[lesions], lesions, 0).astype(np.int32)
 
 
 def _ids(lesions: np.ndarray) -> list[int]:
@@ -221,10 +220,10 @@ def merge_touching(lesions: np.ndarray, other: np.ndarray) -> np.ndarray:
     if not first_touched:
         return lesions
     offset = int(lesions.max())  # new ids above every existing one, as the official relabelling
-    out = lesions.copy()
+    new_ids = np.arange(offset + 1, dtype=np.int32)
     for lesion, touched in first_touched.items():
-        out[lesions == lesion] = offset + touched
-    return out
+        new_ids[lesion] = offset + touched
+    return new_ids[lesions]
 
 
 # --------------------------------------------------------------------------------------- scoring
@@ -298,6 +297,14 @@ def _legacy(
     }
 
 
+def _lesion_box(pred_labels: np.ndarray, ref_labels: np.ndarray, rules: LesionwiseRules) -> Box:
+    """Box around every scored voxel of both maps, grown beyond the widest dilation and touch test."""
+    foreground = np.isin(pred_labels, rules.label_values) | np.isin(ref_labels, rules.label_values)
+    if not foreground.any():
+        return tuple(slice(0, min(1, n)) for n in foreground.shape)
+    return _box(foreground, max(t.dilation for t in rules.tissues) + 2)
+
+
 def _tissue_lesions(labels: np.ndarray, rules: LesionwiseRules, is_prediction: bool) -> dict[str, np.ndarray]:
     """Lesion maps of every tissue of one label map (steps 1-3 of the module docstring)."""
     lesions = {}
@@ -349,20 +356,27 @@ def lesionwise_case_metrics(
     spacing3 = tuple(float(s) for s in (spacing or (1.0, 1.0, 1.0)))
     if len(spacing3) != 3 or any(not s > 0 for s in spacing3):
         raise ValueError(f"spacing must give 3 positive voxel sizes in mm, got {spacing}")
-    pred_lesions = _tissue_lesions(pred_labels, rules, is_prediction=True)
-    ref_lesions = _tissue_lesions(ref_labels, rules, is_prediction=False)
     penalty = rules.hd95_penalty
     legacy_hd95 = hd95_fn or (lambda p, r, s: hd95_surface(p, r, s, penalty=penalty))
+    box = _lesion_box(pred_labels, ref_labels, rules)
+    need_lesions = metrics != "legacy" or rules.merge_predictions
+    if need_lesions:  # lesion work is local: a box around all foreground gives the same lesions
+        pred_lesions = _tissue_lesions(pred_labels[box], rules, is_prediction=True)
+        ref_lesions = _tissue_lesions(ref_labels[box], rules, is_prediction=False)
     result = {}
     for tissue in rules.tissues:
-        pred, ref = pred_lesions[tissue.name], ref_lesions[tissue.name]
         row: dict[str, float] = {}
         if metrics != "legacy":
+            pred, ref = pred_lesions[tissue.name], ref_lesions[tissue.name]
             matches = match_lesions(pred, ref, tissue.dilation, spacing3, penalty)  # type: ignore[arg-type]
             hit = {i for m in matches for i in m.matched}
             n_fp = sum(1 for i in _ids(pred) if i not in hit)
             row.update(lesionwise_score(matches, n_fp, tissue.min_volume, penalty))
-        if metrics != "lesionwise":
-            row.update(_legacy(pred > 0, ref > 0, spacing3, legacy_hd95))  # type: ignore[arg-type]
+        if metrics != "lesionwise":  # on the whole volume: specificity counts all background
+            pred_mask = np.isin(pred_labels, tissue.labels)
+            if rules.merge_predictions:  # 2024: the size-filtered prediction, as the official code
+                pred_mask[box] &= pred_lesions[tissue.name] > 0
+            ref_mask = np.isin(ref_labels, tissue.labels)
+            row.update(_legacy(pred_mask, ref_mask, spacing3, legacy_hd95))  # type: ignore[arg-type]
         result[tissue.name] = row
     return result
