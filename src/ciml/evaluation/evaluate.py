@@ -4,6 +4,11 @@ Predictions are one label NIfTI per case, ``<case_id>.nii.gz`` (or ``.nii``), in
 values. References may be laid out the same way, as an nnU-Net dataset (``labelsTr/<case_id>.nii.gz``)
 or as BraTS case folders (``<case_id>/<case_id>_seg.nii.gz``). Spacing comes from the reference header.
 
+Each challenge scores by its own rules (:data:`CONVENTIONS`): BraTS 2020/2021 per region; BraTS
+2023/2024 lesion-wise plus legacy per tissue with the area-weighted surface HD95
+(:mod:`ciml.metrics.lesionwise`); autoPET by connected components; HECKTOR 2022 by Dice aggregated
+in mm^3. ``metrics=`` and ``hd95=`` override the challenge's defaults where it defines them.
+
 Example:
     >>> result = evaluate_folders("preds/", "BraTS2020_TrainingData/", "brats2020")  # doctest: +SKIP
     >>> print(result.table())  # doctest: +SKIP
