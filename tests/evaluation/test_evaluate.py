@@ -162,6 +162,17 @@ def test_hecktor_summary_is_the_aggregated_dice(tmp_path):
     assert "dice_agg" in result.table()
 
 
+def test_hecktor_class_absent_from_every_case_is_not_computable(tmp_path):
+    ref = np.zeros(SHAPE, np.uint8)
+    ref[:2, :5, 0] = 1  # GTVp only; no case has a node, predicted or delineated
+    result = evaluate_folders(*write_flat(tmp_path, {"CHUP-001": (ref, ref)}), "hecktor2022")
+    agg = result.summary["aggregated_dice"]
+    assert agg["GTVp"] == 1.0 and math.isnan(agg["GTVn"]) and math.isnan(agg["mean"])
+    assert agg["not_computable"] == ["GTVn"]
+    assert "GTVn: not computable" in result.table()
+    assert result.to_dict()["summary"]["aggregated_dice"]["mean"] is None
+
+
 def test_autopet_negative_cases_are_null_dice_and_counted_out(tmp_path):
     spacing = (2.0, 2.0, 3.0)
     positive, negative = np.zeros(SHAPE, np.uint8), np.zeros(SHAPE, np.uint8)
