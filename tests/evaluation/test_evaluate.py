@@ -19,7 +19,7 @@ from ciml.evaluation.evaluate import (
     reference_files,
     resolve_convention,
 )
-from ciml.metrics import HD95_EMPTY_PENALTY, brats_case_metrics
+from ciml.metrics import HD95_EMPTY_PENALTY, brats_case_metrics, hd95_surface
 from ciml.tasks import load_task
 
 SPACING = (1.0, 1.2, 2.5)
@@ -64,7 +64,7 @@ def test_brats_round_trip_matches_case_metrics_and_writes_json_and_csv(tmp_path)
     pred_dir, ref_dir = write_flat(tmp_path, cases)
     result = evaluate_folders(pred_dir, ref_dir, "brats2020")
 
-    assert result.convention == "brats" and result.regions == ("WT", "TC", "ET")
+    assert result.convention == "brats2023" and result.regions == ("WT", "TC", "ET")
     assert list(result.cases) == sorted(cases)
     spec = load_task("brats2020")
     for case_id, (pred, ref) in cases.items():  # spacing must come from the header
@@ -159,8 +159,19 @@ def test_hecktor_summary_is_the_aggregated_dice(tmp_path):
     per_case_mean = result.summary["regions"]["GTVp"]["dice"]["mean"]
     # Per case (both-empty scores 1) it is 2/3: informative, but not the ranking score.
     assert per_case_mean == pytest.approx((1 + 0 + 1) / 3)
-    assert result.cases["CHUP-001"]["GTVp"]["pred_voxels"] == 2
+    assert result.cases["CHUP-001"]["GTVp"]["pred_mm3"] == pytest.approx(2 * np.prod(SPACING))
     assert "dice_agg" in result.table()
+
+
+def test_hecktor_class_absent_from_every_case_is_not_computable(tmp_path):
+    ref = np.zeros(SHAPE, np.uint8)
+    ref[:2, :5, 0] = 1  # GTVp only; no case has a node, predicted or delineated
+    result = evaluate_folders(*write_flat(tmp_path, {"CHUP-001": (ref, ref)}), "hecktor2022")
+    agg = result.summary["aggregated_dice"]
+    assert agg["GTVp"] == 1.0 and math.isnan(agg["GTVn"]) and math.isnan(agg["mean"])
+    assert agg["not_computable"] == ["GTVn"]
+    assert "GTVn: not computable" in result.table()
+    assert result.to_dict()["summary"]["aggregated_dice"]["mean"] is None
 
 
 def test_autopet_negative_cases_are_null_dice_and_counted_out(tmp_path):
@@ -364,7 +375,7 @@ def test_references_from_brats2023_seg_files(tmp_path):
         (root / case_id / f"._{case_id}-seg.nii.gz").write_bytes(b"\x00")
         save(tmp_path / "pred" / f"{case_id}.nii.gz", ref)
     result = evaluate_folders(tmp_path / "pred", root, "brats2023")
-    assert result.convention == "brats" and result.regions == ("WT", "TC", "ET")
+    assert result.convention == "brats2023" and result.regions == ("WT", "TC", "ET")
     assert all(result.cases[c]["ET"]["dice"] == 1.0 for c in result.cases)
 
 
@@ -397,3 +408,92 @@ def test_references_from_msd_labels(tmp_path):
     save(tmp_path / "pred" / "BRATS_001.nii.gz", _lesion(2))
     result = evaluate_folders(tmp_path / "pred", root, "msd_braintumour")
     assert result.cases["BRATS_001"]["TC"]["dice"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------ BraTS 2023+
+
+BRATS2023_SPEC = """\
+name: brats2023
+modalities: {t1c: mri, t1n: mri, t2f: mri, t2w: mri}
+regions: {WT: [1, 2, 3], TC: [1, 3], ET: [3]}
+decomposition: {t2f: [WT], t1n: [TC], t2w: [WT, TC], t1c: [TC, ET]}
+assembly: [[WT, 2], [TC, 1], [ET, 3]]
+"""
+
+
+def brats2023_cases() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """One case found exactly; one whose second ET lesion is missed and a false-positive blob added."""
+    ref = np.zeros((40, 40, 16), np.uint8)  # far enough apart for the 3-voxel dilation
+    ref[1:8, 1:8, 1:6] = 2
+    ref[2:7, 2:7, 2:5] = 1
+    ref[3:6, 3:6, 2:5] = 3  # 27 voxels = 81 mm^3, above the 50 mm^3 threshold
+    second = ref.copy()
+    second[20:23, 20:23, 8:11] = 3  # a 27-voxel ET lesion = 81 mm^3 > 50 (1 x 1.2 x 2.5 mm voxels)
+    pred = ref.copy()
+    pred[35:37, 2:4, 12:14] = 3  # false positive, far from every lesion
+    return {"BraTS-GLI-00001-000": (ref, ref), "BraTS-GLI-00002-000": (pred, second)}
+
+
+def test_brats2023_defaults_to_lesionwise_and_legacy_with_surface_hd95(tmp_path):
+    spec = tmp_path / "brats2023.yaml"
+    spec.write_text(BRATS2023_SPEC)
+    result = evaluate_folders(*write_flat(tmp_path, brats2023_cases()), spec)
+    assert (result.convention, result.metric_set, result.hd95) == ("brats2023", "all", "surface")
+    assert result.regions == ("WT", "TC", "ET")
+    perfect, flawed = result.cases["BraTS-GLI-00001-000"]["ET"], result.cases["BraTS-GLI-00002-000"]["ET"]
+    assert perfect["lesionwise_dice"] == 1.0 and perfect["hd95"] == 0.0
+    # ET lesions: the first found exactly, the second missed, one false positive -> (1 + 0 + 0) / 3
+    assert flawed["lesionwise_dice"] == pytest.approx(1 / 3)
+    assert flawed["lesionwise_hd95"] == pytest.approx((0 + 374 + 374) / 3)
+    assert (flawed["n_tp"], flawed["n_fp"], flawed["n_fn"]) == (1, 1, 1)
+    assert result.summary["regions"]["ET"]["lesionwise_dice"]["mean"] == pytest.approx((1 + 1 / 3) / 2)
+    assert "lesionwise_dice" in result.table() and "sensitivity" in result.table()
+
+    legacy = evaluate_folders(tmp_path / "pred", tmp_path / "ref", spec, metrics="legacy")
+    assert set(legacy.cases["BraTS-GLI-00002-000"]["ET"]) == {"dice", "hd95", "sensitivity", "specificity"}
+    assert legacy.cases["BraTS-GLI-00002-000"]["ET"]["dice"] == pytest.approx(flawed["dice"])
+
+
+def test_lesionwise_refuses_conventions_without_rules_and_mismatched_labels(tmp_path):
+    pred_dir, ref_dir = write_flat(tmp_path, brats_cases())
+    with pytest.raises(ParameterError, match="^metrics: .*no lesion-wise rules"):
+        evaluate_folders(pred_dir, ref_dir, "brats2020", metrics="lesionwise")
+    with pytest.raises(ParameterError, match=r"^convention: .*label values \[1, 2, 3\].*brats2020"):
+        evaluate_folders(pred_dir, ref_dir, "brats2020", convention="brats2023")
+    with pytest.raises(ParameterError, match="^hd95: .*reports no HD95"):
+        evaluate_folders(pred_dir, ref_dir, "hecktor2022", hd95="surface")
+
+
+def test_brats2020_can_use_the_surface_hd95(tmp_path):
+    cases = brats_cases()
+    result = evaluate_folders(*write_flat(tmp_path, cases), "brats2020", hd95="surface")
+    pred, ref = cases["case_c"]
+    spec = load_task("brats2020")
+    wt = spec.labels_to_regions(pred)[0], spec.labels_to_regions(ref)[0]
+    assert result.cases["case_c"]["WT"]["hd95"] == pytest.approx(hd95_surface(*wt, SPACING))
+    assert result.cases["case_b"]["ET"]["hd95"] == HD95_EMPTY_PENALTY  # the 2020 penalty stays
+
+
+def test_cli_metrics_flag_and_errors_in_flags(tmp_path, capsys):
+    spec = tmp_path / "brats2023.yaml"
+    spec.write_text(BRATS2023_SPEC)
+    pred_dir, ref_dir = write_flat(tmp_path, brats2023_cases())
+    out = tmp_path / "m.json"
+    args = ["evaluate", "--task", str(spec), "--pred", str(pred_dir), "--ref", str(ref_dir)]
+    args += ["--out", str(out)]
+    assert ciml.cli.main([*args, "--metrics", "lesionwise"]) == 0
+    data = json.loads(out.read_text())
+    assert data["metrics"] == "lesionwise" and data["hd95"] == "surface"
+    assert set(data["cases"]["BraTS-GLI-00002-000"]["ET"]) == {
+        "lesionwise_dice",
+        "lesionwise_hd95",
+        "n_tp",
+        "n_fp",
+        "n_fn",
+    }
+    capsys.readouterr()
+    legacy_task = [*args[:2], "brats2020", *args[3:-1], str(tmp_path / "x.json")]
+    assert ciml.cli.main([*legacy_task, "--metrics", "lesionwise"]) == 1
+    err = capsys.readouterr().err
+    assert "error: --metrics: 'lesionwise'" in err and "brats2023" in err
+    assert not (tmp_path / "x.json").exists()

@@ -249,10 +249,29 @@ def test_aggregated_dice_differs_from_mean_of_cases_and_matches_hand_computation
     assert per_case_mean == pytest.approx((1 + 0 + 0.5) / 3)
     assert agg.per_class()["GTVp"] != pytest.approx(per_case_mean)
 
-    agg.add_counts("GTVn", 0, 0, 0)  # a case without nodes adds nothing ...
-    agg.add_counts("GTVn", 3, 4, 4)
+    agg.add_volumes("GTVn", 0, 0, 0)  # a case without nodes adds nothing ...
+    agg.add_volumes("GTVn", 3, 4, 4)
     assert agg.per_class()["GTVn"] == pytest.approx(6 / 8)
     assert agg.mean() == pytest.approx((22 / 30 + 6 / 8) / 2)
-    agg.add_counts("empty", 0, 0, 0)  # ... and a class absent everywhere has no score and is skipped
-    assert math.isnan(agg.per_class()["empty"])
-    assert agg.mean() == pytest.approx((22 / 30 + 6 / 8) / 2)
+    agg.add_volumes("empty", 0, 0, 0)  # ... but a class absent everywhere is not computable,
+    assert math.isnan(agg.per_class()["empty"])  # and is not averaged in silently
+    assert agg.not_computable() == ["empty"]
+    assert math.isnan(agg.mean())
+
+
+def test_aggregated_dice_sums_mm3_when_cases_have_different_voxel_sizes():
+    """Hand computation in mm^3 (HECKTOR 2022 notebook: counts x voxel volume, summed over cases)."""
+    fine, coarse = (1.0, 1.0, 1.0), (2.0, 2.0, 3.0)  # 1 mm^3 and 12 mm^3 voxels
+    ref_a, pred_a = np.zeros((4, 4, 4), bool), np.zeros((4, 4, 4), bool)
+    ref_a[0, 0, :4] = True  # 4 voxels = 4 mm^3, found exactly
+    pred_a[0, 0, :4] = True
+    ref_b, pred_b = np.zeros((4, 4, 4), bool), np.zeros((4, 4, 4), bool)
+    ref_b[0, 0, :2] = True  # 2 voxels = 24 mm^3, missed; prediction 1 voxel = 12 mm^3 elsewhere
+    pred_b[3, 3, 3] = True
+    agg = AggregatedDice()
+    agg.update("GTVp", pred_a, ref_a, fine)
+    agg.update("GTVp", pred_b, ref_b, coarse)
+    in_mm3 = 2 * 4 / ((4 + 4) + (12 + 24))  # 8/44 = 0.1818
+    in_voxels = 2 * 4 / ((4 + 4) + (1 + 2))  # 8/11 = 0.7273: what summing voxels gave
+    assert agg.per_class()["GTVp"] == pytest.approx(in_mm3)
+    assert abs(in_voxels - in_mm3) > 0.5

@@ -5,6 +5,11 @@ values. References may be laid out the same way, as ``labelsTr``/``labelsTs`` fo
 the readers of :mod:`ciml.data.layouts` read labels from (BraTS case folders, autoPET studies, MSD,
 nnU-Net, HECKTOR). Spacing comes from the reference header.
 
+Each challenge scores by its own rules (:data:`CONVENTIONS`): BraTS 2020/2021 per region; BraTS
+2023/2024 lesion-wise plus legacy per tissue with the area-weighted surface HD95
+(:mod:`ciml.metrics.lesionwise`); autoPET by connected components; HECKTOR 2022 by Dice aggregated
+in mm^3. ``metrics=`` and ``hd95=`` override the challenge's defaults where it defines them.
+
 Example:
     >>> result = evaluate_folders("preds/", "BraTS2020_TrainingData/", "brats2020")  # doctest: +SKIP
     >>> print(result.table())  # doctest: +SKIP
@@ -27,14 +32,24 @@ from tqdm import tqdm
 
 from ciml.data.io import ImageHeader, ImageReadError, load_image
 from ciml.data.layouts import DatasetLayoutError, read_dataset, resolve_task
-from ciml.errors import CimlError
+from ciml.errors import CimlError, ParameterError
 from ciml.files import refuse_existing, write_text_atomic
 from ciml.metrics import (
     AUTOPET_METRICS,
     BRATS_METRICS,
+    HD95_EMPTY_PENALTY,
+    HECKTOR_METRICS,
+    LEGACY_METRICS,
+    LESIONWISE_METRICS,
+    LESIONWISE_RULES,
     AggregatedDice,
+    HD95Function,
+    LesionwiseRules,
     autopet_case_metrics,
     brats_region_metrics,
+    hd95,
+    hd95_surface,
+    lesionwise_case_metrics,
     overlap_counts,
     per_region,
 )
@@ -48,34 +63,79 @@ class EvaluationError(CimlError):
     """Predictions and references cannot be compared; the message names the files and the mismatch."""
 
 
+#: What ``metrics=`` selects: the per-region metrics of every challenge, BraTS 2023+ lesion-wise
+#: scores, or both.
+METRIC_SETS = ("legacy", "lesionwise", "all")
+HD95_VARIANTS = ("voxel", "surface")
+
+RegionMetrics = Callable[[np.ndarray, np.ndarray, Sequence[float] | None], dict[str, float]]
+
+
 @dataclass(frozen=True)
 class Convention:
-    """How one challenge scores a region of a case and what its summary reports.
+    """How one challenge scores a case and what its summary reports.
 
     Attributes:
-        name: brats, autopet or hecktor.
-        region_metrics: ``(pred_mask, ref_mask, spacing) -> {metric: value}`` for one region of one case.
+        name: brats, brats2023, brats2024, autopet, hecktor, ...
+        region_metrics: ``(pred_mask, ref_mask, spacing) -> {metric: value}`` for one region of one
+            case (conventions without lesion-wise rules).
         summarized: per-case metrics given mean, median and std in the summary.
         aggregated_dice: also report HECKTOR's Dice aggregated over the whole set.
+        lesionwise: BraTS 2023+ rules; their tissues are the scored regions, legacy metrics included.
+        default_metrics: the challenge's own choice among :data:`METRIC_SETS`.
+        hd95: the challenge's HD95 (``voxel``: MONAI's voxel-centre definition; ``surface``: the
+            area-weighted BraTS 2023+ one), or None where the convention has no HD95.
+        hd95_penalty: HD95 when exactly one mask is empty.
     """
 
     name: str
-    region_metrics: Callable[[np.ndarray, np.ndarray, Sequence[float] | None], dict[str, float]]
+    region_metrics: RegionMetrics | None
     summarized: tuple[str, ...]
     aggregated_dice: bool = False
+    lesionwise: LesionwiseRules | None = None
+    default_metrics: str = "legacy"
+    hd95: str | None = None
+    hd95_penalty: float = HD95_EMPTY_PENALTY
+
+    def metric_names(self, metrics: str) -> tuple[str, ...]:
+        """The per-case metrics that ``metrics`` (legacy, lesionwise, all) selects."""
+        if self.lesionwise is None:
+            return self.summarized
+        return {"legacy": LEGACY_METRICS, "lesionwise": LESIONWISE_METRICS}.get(
+            metrics, LESIONWISE_METRICS + LEGACY_METRICS
+        )
+
+    def regions(self, spec: TaskSpec) -> tuple[str, ...]:
+        """Scored regions: the challenge's tissues for lesion-wise conventions, else the spec's."""
+        if self.lesionwise is not None:
+            return tuple(t.name for t in self.lesionwise.tissues)
+        return spec.region_names
+
+
+def _lesionwise_convention(rules: LesionwiseRules) -> Convention:
+    return Convention(
+        rules.name,
+        None,
+        LESIONWISE_METRICS + LEGACY_METRICS,
+        lesionwise=rules,
+        default_metrics="all",
+        hd95="surface",
+        hd95_penalty=rules.hd95_penalty,
+    )
 
 
 CONVENTIONS: dict[str, Convention] = {
-    "brats": Convention("brats", brats_region_metrics, BRATS_METRICS),
+    "brats": Convention("brats", brats_region_metrics, BRATS_METRICS, hd95="voxel"),
+    **{name: _lesionwise_convention(rules) for name, rules in LESIONWISE_RULES.items()},
     "autopet": Convention("autopet", autopet_case_metrics, AUTOPET_METRICS),
-    "hecktor": Convention("hecktor", lambda pred, ref, spacing: overlap_counts(pred, ref), ("dice",), True),
+    "hecktor": Convention("hecktor", overlap_counts, HECKTOR_METRICS[:1], True),
 }
 
 #: Task spec name -> convention; any other task is scored brats-style per region.
 CONVENTION_FOR_TASK = {
     "brats2020": "brats",
-    "brats2023": "brats",
-    "brats2024": "brats",
+    "brats2021": "brats",
+    **{name: name for name in LESIONWISE_RULES},
     "msd_braintumour": "brats",
     "autopet": "autopet",
     "hecktor2022": "hecktor",
@@ -84,11 +144,92 @@ DEFAULT_CONVENTION = "brats"
 
 
 def resolve_convention(spec: TaskSpec, convention: str | None = None) -> Convention:
-    """The named convention, or the one the task's spec name implies."""
+    """The named convention, or the one the task's spec name implies.
+
+    Lesion-wise conventions define their tissues by label values, so the task's labels must be
+    exactly the challenge's: a BraTS 2020 label map (ET = 4) scored with BraTS 2023 rules (ET = 3)
+    would silently score an empty ET.
+    """
     name = convention or CONVENTION_FOR_TASK.get(spec.name, DEFAULT_CONVENTION)
     if name not in CONVENTIONS:
-        raise EvaluationError(f"convention {name!r} is not one of {', '.join(CONVENTIONS)}")
-    return CONVENTIONS[name]
+        raise ParameterError("convention", f"{name!r} is not one of {', '.join(CONVENTIONS)}")
+    conv = CONVENTIONS[name]
+    if conv.lesionwise is not None:
+        expected = set(conv.lesionwise.label_values)
+        labels = set(spec.label_values) - {0}
+        if labels != expected:
+            tissues = ", ".join(f"{t.name}={list(t.labels)}" for t in conv.lesionwise.tissues)
+            raise ParameterError(
+                "convention",
+                f"{name!r} scores label values {sorted(expected)} ({tissues}), but task "
+                f"{spec.name!r} has labels {sorted(labels)}; use the convention of the task's challenge",
+            )
+    return conv
+
+
+def _hd95_for(variant: str, penalty: float) -> HD95Function:
+    if variant == "surface":
+        return lambda pred, ref, spacing: hd95_surface(pred, ref, spacing, penalty=penalty)
+    return lambda pred, ref, spacing: hd95(pred, ref, spacing, penalty=penalty)
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """A convention with the user's choice of metric set and HD95 definition, ready to score cases.
+
+    Build it with :func:`scoring`; ``score(pred_labels, ref_labels, spec, spacing)`` gives region ->
+    metric -> value for one case.
+    """
+
+    convention: Convention
+    metrics: str
+    hd95: str | None
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return self.convention.metric_names(self.metrics)
+
+    def score(
+        self, pred: np.ndarray, ref: np.ndarray, spec: TaskSpec, spacing: Sequence[float] | None
+    ) -> dict[str, dict[str, float]]:
+        conv = self.convention
+        hd = _hd95_for(self.hd95, conv.hd95_penalty) if self.hd95 else None
+        if conv.lesionwise is not None:
+            return lesionwise_case_metrics(pred, ref, conv.lesionwise, spacing, self.metrics, hd95_fn=hd)
+        region_metrics = conv.region_metrics
+        if conv.name == "brats" and hd is not None:
+            region_metrics = lambda p, r, s: brats_region_metrics(p, r, s, hd95_fn=hd)  # noqa: E731
+        assert region_metrics is not None
+        return per_region(region_metrics, pred, ref, spec, spacing)
+
+
+def scoring(
+    spec: TaskSpec, convention: str | None = None, metrics: str | None = None, hd95: str | None = None
+) -> Scoring:
+    """Resolve the convention and check ``metrics`` / ``hd95`` against what it defines.
+
+    Args:
+        spec: the task; its name picks the default convention.
+        convention: a name from :data:`CONVENTIONS`, or None for the task's.
+        metrics: legacy, lesionwise or all; None for the challenge's default.
+        hd95: voxel or surface; None for the challenge's.
+    """
+    conv = resolve_convention(spec, convention)
+    metrics = metrics or conv.default_metrics
+    if metrics not in METRIC_SETS:
+        raise ParameterError("metrics", f"{metrics!r} is not one of {', '.join(METRIC_SETS)}")
+    if metrics != "legacy" and conv.lesionwise is None:
+        with_rules = ", ".join(n for n, c in CONVENTIONS.items() if c.lesionwise is not None)
+        raise ParameterError(
+            "metrics",
+            f"{metrics!r}: convention {conv.name!r} has no lesion-wise rules (those are BraTS 2023+: "
+            f"{with_rules})",
+        )
+    if hd95 is not None and hd95 not in HD95_VARIANTS:
+        raise ParameterError("hd95", f"{hd95!r} is not one of {', '.join(HD95_VARIANTS)}")
+    if hd95 is not None and conv.hd95 is None:
+        raise ParameterError("hd95", f"{hd95!r}: convention {conv.name!r} reports no HD95")
+    return Scoring(conv, metrics, hd95 or conv.hd95)
 
 
 # --------------------------------------------------------------------------------------- finding files
@@ -256,11 +397,11 @@ def case_metrics(
     spec: TaskSpec,
     spacing: Sequence[float] | None,
     convention: str | None = None,
+    metrics: str | None = None,
+    hd95: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """Region -> metric -> value for one case, under ``convention`` (default: from the task name)."""
-    return per_region(
-        resolve_convention(spec, convention).region_metrics, pred_labels, ref_labels, spec, spacing
-    )
+    return scoring(spec, convention, metrics, hd95).score(pred_labels, ref_labels, spec, spacing)
 
 
 def _stats(values: Iterable[float]) -> dict[str, float]:
@@ -277,12 +418,21 @@ def _stats(values: Iterable[float]) -> dict[str, float]:
 
 
 def summarize(
-    cases: Mapping[str, Mapping[str, Mapping[str, float]]], regions: Sequence[str], convention: Convention
+    cases: Mapping[str, Mapping[str, Mapping[str, float]]],
+    regions: Sequence[str],
+    convention: Convention,
+    metrics: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Per region and metric: mean, median, std, n; HECKTOR: aggregated Dice per region and its mean."""
+    """Per region and metric: mean, median, std, n; HECKTOR: aggregated Dice per region and its mean.
+
+    ``metrics`` are the summarized per-case metrics (default: the convention's). A HECKTOR class
+    with no voxel in any case is listed under ``aggregated_dice.not_computable`` and makes the mean
+    null, as in the official evaluation.
+    """
+    names = tuple(metrics) if metrics is not None else convention.summarized
     summary: dict[str, Any] = {
         "regions": {
-            region: {m: _stats(case[region][m] for case in cases.values()) for m in convention.summarized}
+            region: {m: _stats(case[region][m] for case in cases.values()) for m in names}
             for region in regions
         }
     }
@@ -291,8 +441,12 @@ def summarize(
         for case in cases.values():
             for region in regions:
                 row = case[region]
-                agg.add_counts(region, row["intersection"], row["pred_voxels"], row["ref_voxels"])
-        summary["aggregated_dice"] = {**agg.per_class(), "mean": agg.mean()}
+                agg.add_volumes(region, row["intersection_mm3"], row["pred_mm3"], row["ref_mm3"])
+        summary["aggregated_dice"] = {
+            **agg.per_class(),
+            "mean": agg.mean(),
+            "not_computable": agg.not_computable(),
+        }
     return summary
 
 
@@ -302,10 +456,13 @@ class EvaluationResult:
 
     Attributes:
         task: task spec name.
-        convention: the convention used (brats, autopet, hecktor).
-        regions: scored regions, in spec order.
+        convention: the convention used (brats, brats2023, brats2024, autopet, hecktor, ...).
+        regions: scored regions, in spec order (lesion-wise conventions: the challenge's tissues).
         cases: case id -> region -> metric -> value (NaN where the convention does not score it).
         summary: see :func:`summarize`.
+        metrics: the summarized per-case metrics, in table order.
+        metric_set: legacy, lesionwise or all.
+        hd95: the HD95 definition used (voxel, surface), or None.
     """
 
     task: str
@@ -313,6 +470,9 @@ class EvaluationResult:
     regions: tuple[str, ...]
     cases: dict[str, dict[str, dict[str, float]]]
     summary: dict[str, Any]
+    metrics: tuple[str, ...] = ()
+    metric_set: str = "legacy"
+    hd95: str | None = None
 
     def rows(self) -> list[dict[str, Any]]:
         """One flat row per case and region (the CSV)."""
@@ -325,6 +485,8 @@ class EvaluationResult:
         data = {
             "task": self.task,
             "convention": self.convention,
+            "metrics": self.metric_set,
+            "hd95": self.hd95,
             "n_cases": len(self.cases),
             "summary": self.summary,
             "cases": self.cases,
@@ -342,7 +504,7 @@ class EvaluationResult:
 
     def table(self) -> str:
         """Human-readable summary: mean ± std per region and metric (HECKTOR: plus aggregated Dice)."""
-        metrics = CONVENTIONS[self.convention].summarized
+        metrics = self.metrics or CONVENTIONS[self.convention].summarized
         header = ["region", *metrics]
         agg = self.summary.get("aggregated_dice")
         if agg is not None:
@@ -360,6 +522,8 @@ class EvaluationResult:
         ]
         if agg is not None:
             text.append(f"aggregated Dice, mean over classes: {_num(agg['mean'])}")
+            for cls in agg.get("not_computable", []):
+                text.append(f"aggregated Dice {cls}: not computable (no voxel in any case)")
         return "\n".join(text)
 
     def write(
@@ -397,6 +561,8 @@ def evaluate_folders(
     convention: str | None = None,
     progress: bool = False,
     layout: str = "auto",
+    metrics: str | None = None,
+    hd95: str | None = None,
 ) -> EvaluationResult:
     """Score every predicted case against its reference.
 
@@ -406,8 +572,10 @@ def evaluate_folders(
         spec: task spec or its name; its regions are scored and its label values checked. None: the
             spec built from the nnU-Net ``dataset.json`` of ``ref_dir``.
         layout: layout of ``ref_dir`` when it is read as a dataset (default: detected).
-        convention: brats, autopet or hecktor; default from the task name (other tasks: brats).
+        convention: a name from :data:`CONVENTIONS`; default from the task name (other tasks: brats).
         progress: show a progress bar over cases.
+        metrics: legacy, lesionwise (BraTS 2023+) or all; default: the challenge's.
+        hd95: voxel (MONAI's definition) or surface (BraTS 2023+); default: the challenge's.
 
     Raises:
         EvaluationError: case lists differ, a file is unreadable, grids differ, or labels are unknown.
@@ -417,13 +585,15 @@ def evaluate_folders(
         spec = resolve_task(spec, ref_dir, layout)
     except DatasetLayoutError as exc:
         raise EvaluationError(str(exc)) from None
-    conv = resolve_convention(spec, convention)
+    how = scoring(spec, convention, metrics, hd95)
     preds = nifti_files(pred_dir)
     refs = reference_files(ref_dir, spec, predicted=preds, layout=layout)
     check_same_cases(preds, refs, pred_dir, ref_dir)
     cases = {}
     for case_id in tqdm(sorted(preds), desc="evaluate", unit="case", disable=not progress):
         pred, ref, spacing = load_case_pair(preds[case_id], refs[case_id], spec)
-        cases[case_id] = per_region(conv.region_metrics, pred, ref, spec, spacing)
-    regions = spec.region_names
-    return EvaluationResult(spec.name, conv.name, regions, cases, summarize(cases, regions, conv))
+        cases[case_id] = how.score(pred, ref, spec, spacing)
+    conv, names = how.convention, how.metric_names
+    regions = conv.regions(spec)
+    summary = summarize(cases, regions, conv, names)
+    return EvaluationResult(spec.name, conv.name, regions, cases, summary, names, how.metrics, how.hd95)

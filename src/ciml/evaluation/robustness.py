@@ -525,7 +525,7 @@ def _score_subset(
     if keep:
         probabilities = predictor.probabilities(pre.image, subset, partial=True)
         masks[keep] = invert_to_original(probabilities[keep], pre.meta, mode="linear") > REGION_THRESHOLD
-    metrics = case_metrics(spec.regions_to_labels(masks), labels, spec, spacing, convention.name)
+    metrics = case_metrics(spec.regions_to_labels(masks), labels, spec, spacing, convention.name, "legacy")
     for region in unpredictable:
         metrics[region] = {k: math.nan for k in metrics[region]}
     return metrics
@@ -540,7 +540,7 @@ def _row(
 ) -> SubsetScores:
     dice = {r: math.nan for r in spec.region_names}
     if cases and predictable:
-        summary = summarize(cases, predictable, convention)
+        summary = summarize(cases, predictable, convention, convention.metric_names("legacy"))
         for region in predictable:
             if convention.aggregated_dice:
                 dice[region] = summary["aggregated_dice"][region]

@@ -1,11 +1,20 @@
 """Challenge-exact segmentation metrics (BraTS, autoPET, HECKTOR 2022) on numpy masks; no files, no models."""
 
+from ciml.metrics.lesionwise import (
+    LEGACY_METRICS,
+    LESIONWISE_METRICS,
+    LESIONWISE_RULES,
+    LesionwiseRules,
+    Tissue,
+    lesionwise_case_metrics,
+)
 from ciml.metrics.segmentation import (
     AUTOPET_METRICS,
     BRATS_METRICS,
     HD95_EMPTY_PENALTY,
     HECKTOR_METRICS,
     AggregatedDice,
+    HD95Function,
     autopet_case_metrics,
     brats_case_metrics,
     brats_region_metrics,
@@ -18,13 +27,24 @@ from ciml.metrics.segmentation import (
     specificity,
     voxel_volume_ml,
 )
+from ciml.metrics.surface import hd95_surface, robust_hausdorff, surface_distances
 
 __all__ = [
+    "LEGACY_METRICS",
+    "LESIONWISE_METRICS",
+    "LESIONWISE_RULES",
+    "LesionwiseRules",
+    "Tissue",
+    "hd95_surface",
+    "lesionwise_case_metrics",
+    "robust_hausdorff",
+    "surface_distances",
     "AUTOPET_METRICS",
     "BRATS_METRICS",
     "HD95_EMPTY_PENALTY",
     "HECKTOR_METRICS",
     "AggregatedDice",
+    "HD95Function",
     "autopet_case_metrics",
     "brats_case_metrics",
     "brats_region_metrics",

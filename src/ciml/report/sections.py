@@ -214,7 +214,7 @@ def evaluation_section(result: EvaluationResult | None, reason: str) -> dict[str
     """The summary table (mean ± std per region and metric) and Dice per case."""
     if result is None:
         return {"grid": None, "missing": reason}
-    metrics = CONVENTIONS[result.convention].summarized
+    metrics = result.metrics or CONVENTIONS[result.convention].summarized
     aggregated = result.summary.get("aggregated_dice")
     grid = [["region", *metrics] + (["aggregated Dice"] if aggregated else [])]
     for region in result.regions:
