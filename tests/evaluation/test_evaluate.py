@@ -64,7 +64,7 @@ def test_brats_round_trip_matches_case_metrics_and_writes_json_and_csv(tmp_path)
     pred_dir, ref_dir = write_flat(tmp_path, cases)
     result = evaluate_folders(pred_dir, ref_dir, "brats2020")
 
-    assert result.convention == "brats2023" and result.regions == ("WT", "TC", "ET")
+    assert result.convention == "brats" and result.regions == ("WT", "TC", "ET")
     assert list(result.cases) == sorted(cases)
     spec = load_task("brats2020")
     for case_id, (pred, ref) in cases.items():  # spacing must come from the header
@@ -138,7 +138,7 @@ def test_convention_defaults_from_task_name(task, convention):
 
 
 def test_unknown_convention_is_an_error():
-    with pytest.raises(EvaluationError, match="'kits'"):
+    with pytest.raises(ParameterError, match="^convention: 'kits'"):
         resolve_convention(load_task("brats2020"), "kits")
 
 

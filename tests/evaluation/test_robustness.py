@@ -243,7 +243,7 @@ def test_three_modalities_average_over_seven_subsets_and_three_pairs():
 
 def test_aggregated_dice_is_recomputed_from_overlap_counts():
     def counts(i, p, r):
-        return {"GTVp": {"dice": math.nan, "intersection": i, "pred_voxels": p, "ref_voxels": r}}
+        return {"GTVp": {"dice": math.nan, "intersection_mm3": i, "pred_mm3": p, "ref_mm3": r}}
 
     rows = [
         SubsetScores(

@@ -160,8 +160,8 @@ def _ratio_parts(
     """Numerator and denominator ``[subset, case, region]`` whose sums over cases give each subset's Dice.
 
     Mean Dice over cases: numerator the case's Dice, denominator 1 (both 0 where the case's Dice is
-    undefined, as the summaries skip it). HECKTOR's aggregated Dice: 2 * intersection and the voxel
-    counts. A region a subset cannot predict is NaN in both, so every statistic using it is NaN.
+    undefined, as the summaries skip it). HECKTOR's aggregated Dice: 2 * intersection and the sum of
+    both volumes (mm^3). A region a subset cannot predict is NaN in both, so every statistic using it is NaN.
     """
     shape = (len(rows), len(case_ids), len(regions))
     numerator, denominator = np.full(shape, np.nan), np.full(shape, np.nan)
@@ -172,8 +172,8 @@ def _ratio_parts(
             for c, case_id in enumerate(case_ids):
                 metrics = row.cases[case_id][region]
                 if aggregated:
-                    numerator[s, c, r] = 2.0 * metrics["intersection"]
-                    denominator[s, c, r] = metrics["pred_voxels"] + metrics["ref_voxels"]
+                    numerator[s, c, r] = 2.0 * metrics["intersection_mm3"]
+                    denominator[s, c, r] = metrics["pred_mm3"] + metrics["ref_mm3"]
                 else:
                     defined = not math.isnan(metrics["dice"])
                     numerator[s, c, r] = metrics["dice"] if defined else 0.0
