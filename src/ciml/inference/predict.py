@@ -336,7 +336,7 @@ def _missing_files_error(
         f"predict every case without them with {{modalities}} {','.join(common)}, or each case from the "
         "modalities it has with {allow_missing}"
         if usable
-        else "no one set of {modalities} fits every case; predict each case from the modalities it has "
+        else "no one {modalities} fits every case; predict each case from the modalities it has "
         "with {allow_missing}"
     )
     return ParameterError(

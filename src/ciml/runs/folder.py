@@ -110,7 +110,10 @@ class RunFolder:
                 f"{path}: checkpoint does not match {self.info_path} (differs in: {', '.join(differing)})"
             )
         model = model_from_config(state["config"])
-        check_state_dict(model, state["model"])  # names the format versions, not a shape traceback
+        try:  # names the format versions, not a shape traceback
+            check_state_dict(model, state["model"])
+        except CimlError as exc:
+            raise CimlError(f"{path}: {exc}") from None
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as exc:
