@@ -242,7 +242,7 @@ def check_state_dict(model: SegmentationNetwork, state: dict[str, Any]) -> None:
         first = (mismatched or missing or unexpected)[0]
         version = model.config.get("format_version", 1)
         raise CimlError(
-            f"checkpoint does not fit the model (config format version {version}, this ciml writes "
+            f"weights do not fit the model (config format version {version}, this ciml writes "
             f"{FORMAT_VERSION}): {len(mismatched)} tensors of another shape, {len(missing)} missing, "
             f"{len(unexpected)} unexpected, e.g. {first!r}"
         )
