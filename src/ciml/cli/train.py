@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ciml.models import model_names
+from ciml.threads import SEVERAL_JOBS_HELP
 from ciml.training.engine import CPU_DEFAULTS, GPU_DEFAULTS, TrainSettings, train
 
 
@@ -20,6 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "sliding-window Dice on the held-out fold. Multi-GPU/multi-node: "
             "`torchrun --nproc_per_node=N -m ciml.cli train ...` (same options)."
         ),
+        epilog=SEVERAL_JOBS_HELP,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
