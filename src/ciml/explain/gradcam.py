@@ -346,7 +346,7 @@ def gradcam_contributions(
                 maps = {m: CAMS[cam](a.detach(), g) for m, a, g in cams}
                 found.append((segmentor, region, maps, mask, explained))
             output = _detached(output)  # frees the graph before the ablations
-        del activations
+        del activations, features  # nor the encoders' part
 
         def run(stage: nn.Module | None = None) -> SegmentationOutput:
             with _flattened(stage) if stage is not None else contextlib.nullcontext():
