@@ -112,6 +112,7 @@ def test_a_fold_being_trained_is_locked(dataset, tmp_path, capsys) -> None:
     assert load_checkpoint(out / "fold_0" / "checkpoint_last.pt")["iteration"] == 2
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run(dataset, tmp_path) -> None:
     args = ["--iterations", "6", "--validate-every", "3", "--max-validation-cases", "1"]
     straight = tmp_path / "straight"
@@ -136,6 +137,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(dataset, tmp_path) ->
         torch.testing.assert_close(final_a[key], final_b[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_kill_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path) -> None:
     path = tmp_path / "checkpoint_last.pt"
     save_checkpoint({"model": {"w": torch.arange(3.0)}, "config": {"name": "x"}}, path)
