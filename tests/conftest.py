@@ -1,5 +1,10 @@
-"""Shared test settings (one torch thread so the suite behaves on busy 2-core machines) and helpers."""
+"""Shared test settings and helpers: one torch thread so the suite behaves on busy 2-core machines.
 
+``CIML_TEST_THREADS=N`` runs the suite with N threads instead: results must not depend on the count
+(the order of floating-point sums does), and that is how to check it.
+"""
+
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -8,17 +13,21 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-torch.set_num_threads(1)  # tiny tensors gain nothing from more; avoids oversubscription
+THREADS = int(os.environ.get("CIML_TEST_THREADS", "1"))
+torch.set_num_threads(THREADS)  # tiny tensors gain nothing from more; avoids oversubscription
+# `ciml` commands run in-process (tests call ciml.cli.main) set their threads from OMP_NUM_THREADS, and
+# subprocesses inherit it: the same count everywhere unless a test says otherwise
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Back to one thread after every test: some (benchmark smoke tests) set their own count.
+def same_torch_threads():
+    """Back to the suite's count after every test: some (benchmark smoke tests) set their own.
 
     On a busy 2-core machine two spinning threads ran these tests ~30x slower.
     """
     yield
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS)
 
 
 DICOM_UID = "1.2.826.0.1.3680043.2.1125.4242"

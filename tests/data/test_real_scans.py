@@ -1,21 +1,28 @@
 """Real anisotropic scans: pyradiomics 3.0.1's brain MRI and lung CT cases (NRRD, LPS headers).
 
-The scans come from a local copy of the pyradiomics 3.0.1 source archive; nothing is downloaded here.
-Where it is looked for, in order: ``$CIML_PYRADIOMICS_DATA`` (its ``data/`` folder, the unpacked
-archive, or the ``.tar.gz``), ``/tmp/pyrad`` (where ``pip download --no-deps --no-binary :all:
-pyradiomics==3.0.1 -d /tmp/pyrad`` puts it), pip's cache folder and site-packages. Without it the tests
-skip and say where they looked.
+The scans come from the pyradiomics 3.0.1 source archive, the only scans here that no one in this
+project made. Where they are looked for, in order: ``$CIML_PYRADIOMICS_DATA`` (its ``data/`` folder, the
+unpacked archive, or the ``.tar.gz``), the cache (``${XDG_CACHE_HOME:-~/.cache}/ciml/pyradiomics-3.0.1``),
+``/tmp/pyrad``, pip's cache folder and site-packages. When none holds them, the archive is fetched with
+pip (``pip download --no-deps --no-binary :all: pyradiomics==3.0.1``, PyPI only, checked against its
+SHA-256) and the six scans are unpacked into the cache, so only the first run downloads (34 MB).
+
+Without the data the tests skip and say why, except in CI (``CI`` set to true, as ``.ci/run`` does): there
+they fail, so a CI run cannot pass without having tested real scans.
 
 The expected geometry is parsed from the NRRD text header by hand, independently of SimpleITK.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import site
+import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -31,6 +38,10 @@ from ciml.tasks import load_task
 SCANS = ("brain1", "brain2", "lung1")
 FILES = tuple(f"{scan}_{kind}.nrrd" for scan in SCANS for kind in ("image", "label"))
 ARCHIVE = "pyradiomics-3.0.1.tar.gz"
+ARCHIVE_SHA256 = "47c57f441d6cb7973fa3b2ea48d3948df78e3348e1c69e1e2ff19001601fc2f5"
+#: pip prepares an sdist's metadata even to download it: pyradiomics' setup.py imports numpy, which an
+#: isolated build environment lacks, so it runs in this environment (numpy and setuptools are installed).
+PIP_DOWNLOAD = ("download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation", "--quiet")
 SPEC = load_task(
     {
         "name": "pyradiomics",
@@ -42,18 +53,29 @@ SPEC = load_task(
 )
 
 
+def cache_folder() -> Path:
+    """Where the fetched scans are kept between runs (outside the repository)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "ciml" / "pyradiomics-3.0.1"
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
 def _candidates() -> list[Path]:
     """Places that may hold the data folder, the unpacked archive or the archive itself."""
     places = []
     if os.environ.get("CIML_PYRADIOMICS_DATA"):
         places.append(Path(os.environ["CIML_PYRADIOMICS_DATA"]).expanduser())
+    places.append(cache_folder())
     places.append(Path("/tmp/pyrad"))
     places.append(Path(os.environ.get("PIP_CACHE_DIR", Path.home() / ".cache" / "pip")))
     places.extend(Path(p) for p in {*site.getsitepackages(), site.getusersitepackages(), *sys.path} if p)
     return places
 
 
-def _search(place: Path) -> Path | tarfile.TarFile | None:
+def _search(place: Path) -> Path | None:
     """A data folder holding every needed file, or the archive, at or just below ``place``."""
     if place.is_file() and place.name.endswith(".tar.gz"):
         return place
@@ -75,22 +97,58 @@ def _unpack(archive: Path, target: Path) -> Path:
     return target / "pyradiomics-3.0.1" / "data"
 
 
+def fetch(cache: Path) -> Path:
+    """Download the archive with pip, check its hash, unpack the scans into ``cache``/data; returns it.
+
+    Raises:
+        RuntimeError: pip failed (no network, no PyPI) or the archive is not the expected one.
+    """
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache.parent, prefix=".fetch-") as tmp:
+        command = [sys.executable, "-m", "pip", *PIP_DOWNLOAD, "-d", tmp, "pyradiomics==3.0.1"]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+        archive = Path(tmp) / ARCHIVE
+        if proc.returncode != 0 or not archive.is_file():
+            raise RuntimeError(f"`{' '.join(command[2:])}` failed: {(proc.stderr or proc.stdout)[-1500:]}")
+        digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+        if digest != ARCHIVE_SHA256:
+            raise RuntimeError(f"{ARCHIVE} has SHA-256 {digest}, expected {ARCHIVE_SHA256}")
+        staged = Path(tmp) / "staged"
+        folder = _unpack(archive, staged)
+        missing = [name for name in FILES if not (folder / name).is_file()]
+        if missing:
+            raise RuntimeError(f"{ARCHIVE} lacks {', '.join(missing)}")
+        staged.joinpath("pyradiomics-3.0.1").rename(staged / "data-root")
+        try:
+            os.rename(staged / "data-root", cache)  # atomic: a reader sees all six files or none
+        except OSError:
+            if _search(cache) is None:  # not another run's copy that got there first
+                raise
+    return cache / "data"
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     places = _candidates()
     for place in places:
         found = _search(place)
-        if isinstance(found, Path) and found.is_dir():
+        if found is not None and found.is_dir():
             return found
-        if isinstance(found, Path):
+        if found is not None:
             folder = _unpack(found, tmp_path_factory.mktemp("pyradiomics"))
             if all((folder / name).is_file() for name in FILES):
                 return folder
-    looked = ", ".join(str(p) for p in places[:4]) + f" and {len(places) - 4} site-packages/sys.path entries"
-    pytest.skip(
-        f"pyradiomics 3.0.1 data ({', '.join(FILES)}) not found locally; looked in $CIML_PYRADIOMICS_DATA, "
-        f"{looked}. Set CIML_PYRADIOMICS_DATA to its data folder or {ARCHIVE}"
-    )
+    try:
+        return fetch(cache_folder())
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+        named = [str(p) for p in places if "site-packages" not in str(p)]
+        reason = (
+            f"pyradiomics 3.0.1 data ({', '.join(FILES)}) not found (looked in {', '.join(named)} and "
+            f"site-packages) and not fetched: {exc}. Set CIML_PYRADIOMICS_DATA to its data folder or archive"
+        )
+        if in_ci():
+            pytest.fail(f"CI must test real scans: {reason}", pytrace=False)
+        pytest.skip(reason)
 
 
 def _nrrd_geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:

@@ -16,6 +16,7 @@ TINY = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_shapes_writes_table_json_and_figure(tmp_path, capsys) -> None:
     out = tmp_path / "demo"
     assert main(["shapes", "--out", str(out), *TINY]) == 0

@@ -43,36 +43,68 @@ def trained_on_one_modality(informative: int, seed: int = 0) -> CIMLNet:
     model = CIMLNet(MODALITIES, {"a": ["disc"]}, widths=(4, 8, 16), spatial_dims=2)
     loss = CIMLLoss(["disc"], beta=1e-3)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(120):
+    for _ in range(ITERATIONS):
         x, target = discs(generator, informative)
         terms = loss(model(x), target)
         optimizer.zero_grad()
         terms.total.backward()
         optimizer.step()
-    learned = float(terms.segmentation.detach()) < 0.3
-    assert learned, "the toy model did not learn; the test below would say nothing"
+    # learned = Dice on 16 held-out discs, not the last batch's loss (that varies 10x between seeds with
+    # the batch); 48 trained models (8 seeds, both cases, 3 instruction sets) reached 0.91-0.99
+    x, target = discs(torch.Generator().manual_seed(1000 + informative), informative, n=16)
+    with torch.no_grad():
+        predicted = model.eval()(x).logits["a"] > 0
+    dice = float(2 * (predicted & (target > 0)).sum() / (predicted.sum() + target.sum()))
+    assert dice > 0.7, f"the toy model did not learn (held-out Dice {dice:.2f}); the test would say nothing"
     return model.eval()
+
+
+#: Training runs take other trajectories on other CPUs (oneDNN's AVX-512, AVX2 and SSE4.1 kernels round
+#: differently): every seed must pass, not one lucky trajectory.
+SEEDS = (0, 1, 2)
+ITERATIONS = 120
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("informative", [0, 2], ids=["own-modality", "sender"])
 def test_the_only_informative_modality_gets_the_largest_share(informative):
-    model = trained_on_one_modality(informative)
+    """Any trained model where only one modality shows the target gives it the (large) majority share.
+
+    Over 48 trained models (8 seeds x both cases x 3 instruction sets) its share was at least 0.99, so
+    0.9 is a margin, not a fit; the maps are checked for what they promise (non-negative, on the grid).
+    """
+    name = MODALITIES[informative]
     x, target = discs(torch.Generator().manual_seed(99), informative, n=1)
-    for cam in (GRADCAM, HIRESCAM):
-        result = explain_contributions(model, x, cam=cam)
-        [contribution] = result.contributions
-        assert (contribution.segmentor, contribution.region) == ("a", "disc")
-        assert result.level == 0  # messages enter at every level: level 0 sees them all
-        shares = contribution.fractions
-        assert max(shares, key=shares.get) == MODALITIES[informative], (cam, shares)
-        assert shares[MODALITIES[informative]] > 0.8, (cam, shares)
-        assert sum(shares.values()) == pytest.approx(1.0)
-        # the explained mask is the prediction, and it found the disc
-        overlap = (contribution.mask & (target[0, 0] > 0)).sum() / target.sum()
-        assert float(overlap) > 0.8
-        informative_map = contribution.maps[MODALITIES[informative]]
-        assert informative_map.shape == x.shape[2:] and float(informative_map.min()) >= 0.0
+    for seed in SEEDS:
+        model = trained_on_one_modality(informative, seed)
+        for cam in (GRADCAM, HIRESCAM):
+            result = explain_contributions(model, x, cam=cam)
+            [contribution] = result.contributions
+            assert (contribution.segmentor, contribution.region) == ("a", "disc")
+            assert result.level == 0  # messages enter at every level: level 0 sees them all
+            shares = contribution.fractions
+            assert max(shares, key=shares.get) == name, (seed, cam, shares, contribution.effect)
+            assert shares[name] > 0.9, (seed, cam, shares, contribution.effect)
+            assert sum(shares.values()) == pytest.approx(1.0)
+            # the explained mask is the prediction, and it found the disc
+            overlap = (contribution.mask & (target[0, 0] > 0)).sum() / target.sum()
+            assert float(overlap) > 0.8, (seed, float(overlap))
+            for values in contribution.maps.values():
+                assert values.shape == x.shape[2:] and float(values.min()) >= 0.0
+        # HiResCAM's maps follow the gradient voxel by voxel: the informative modality's is the heaviest
+        # (48 of 48 models, at least 81 % of the mass), unlike Grad-CAM's, which can be clipped to zero
+        mass = contribution.mass
+        assert max(mass, key=mass.get) == name, (seed, mass)
+
+
+def test_shares_are_the_sizes_of_the_ablation_effects():
+    model = small("ciml")
+    result = explain_contributions(model, torch.randn(1, 4, 16, 16, 16))
+    for contribution in result.contributions:
+        size = {m: abs(v) for m, v in contribution.effect.items()}
+        total = sum(size.values())
+        assert total > 0
+        assert contribution.fractions == pytest.approx({m: v / total for m, v in size.items()})
 
 
 def small(name: str, seed: int = 0):

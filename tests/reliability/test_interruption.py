@@ -65,6 +65,7 @@ def _assert_only_complete_files(output: Path) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("hook, finished", [("after_case", {"c0.nii.gz"}), ("before_label", set())])
+@pytest.mark.slow
 def test_killed_prediction_leaves_complete_files_and_resumes(tmp_path, run_folder, dataset, hook, finished):
     output = tmp_path / "preds"
     killed = _killed_predict(run_folder, dataset, output, hook)
@@ -80,6 +81,7 @@ def test_killed_prediction_leaves_complete_files_and_resumes(tmp_path, run_folde
     assert f"skipped {len(finished)} finished" in again.stdout
 
 
+@pytest.mark.slow
 def test_overwrite_redoes_finished_cases(tmp_path, run_folder, dataset):
     output = tmp_path / "preds"
     assert _predict(run_folder, dataset, output).returncode == 0
@@ -90,6 +92,7 @@ def test_overwrite_redoes_finished_cases(tmp_path, run_folder, dataset):
     assert all(after[n] > before[n] for n in before)
 
 
+@pytest.mark.slow
 def test_kill_at_random_moments_never_leaves_partial_files(tmp_path, run_folder, dataset):
     output = tmp_path / "preds"
     command = _command(run_folder, dataset, output, "--save-probabilities")
@@ -104,6 +107,7 @@ def test_kill_at_random_moments_never_leaves_partial_files(tmp_path, run_folder,
     assert len(_assert_only_complete_files(output)) == 6
 
 
+@pytest.mark.slow
 def test_second_writer_is_refused_with_the_holders_pid_and_writes_nothing(tmp_path, run_folder, dataset):
     output = tmp_path / "preds"
     holder = subprocess.Popen(

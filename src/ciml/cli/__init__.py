@@ -14,6 +14,7 @@ import sys
 from ciml import __version__
 from ciml.cli.options import FLAGS_KEY
 from ciml.errors import CimlError, ParameterError
+from ciml.threads import SEVERAL_JOBS_HELP, configure_threads
 
 # Subcommand modules under ciml.cli, in the order `ciml --help` lists them.
 SUBCOMMANDS = (
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
             "CIML: multimodal segmentation with one segmentor per modality exchanging gated, "
             "information-bottlenecked messages. Run `ciml COMMAND --help` for each command."
         ),
+        epilog=SEVERAL_JOBS_HELP,
     )
     parser.add_argument("--version", action="version", version=f"ciml {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        configure_threads()  # before any torch work: the CPUs this process may use, or OMP_NUM_THREADS
         return int(args.func(args) or 0)
     except CimlError as exc:
         print(

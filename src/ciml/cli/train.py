@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ciml.cli.options import add_dataset_arguments, add_device, add_progress, add_task, channel_flags, finish
 from ciml.models import model_names
+from ciml.threads import SEVERAL_JOBS_HELP
 from ciml.training.engine import CPU_DEFAULTS, GPU_DEFAULTS, TrainSettings, train
 
 DEFAULTS = TrainSettings(task="", data=Path(), out=Path())
@@ -24,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "sliding-window Dice on the held-out fold. Multi-GPU/multi-node: "
             "`torchrun --nproc_per_node=N -m ciml.cli train ...` (same options)."
         ),
+        epilog=SEVERAL_JOBS_HELP,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_task(parser)

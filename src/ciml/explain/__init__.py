@@ -3,7 +3,8 @@
 Two views per case:
 
 - **Grad-CAM** (:mod:`ciml.explain.gradcam`): for every segmentor and region, a map of each modality's
-  contribution and its share; the seed's view.
+  contribution (the seed's view) and its share (how much the region's score drops without that
+  modality's spatial information).
 - **Information maps** (:mod:`ciml.explain.information`): for every message m<-n, the KL the gate charged,
   nats per voxel, summed over levels; CIML's exact view of what each modality told each sub-task.
 

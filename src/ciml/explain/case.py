@@ -93,6 +93,7 @@ class CaseExplanation:
                     "segmentor": c.segmentor,
                     "region": c.region,
                     "fractions": c.fractions,
+                    "effect": c.effect,
                     "mass": c.mass,
                     "mask_voxels": c.mask_voxels,
                 }
