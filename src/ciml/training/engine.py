@@ -316,6 +316,7 @@ def train(settings: TrainSettings, callbacks: Sequence[StepCallback] = ()) -> Ru
     """
     rank, world, device = _init_distributed(settings.device)
     spec = load_task(settings.task)
+    _augmentation(settings, spec)  # a bad augmentation is refused before the dataset is read
     run = RunFolder(settings.out)
     _check_run_folder(run, settings)
     cases = read_dataset(settings.data, spec, settings.layout)
