@@ -8,12 +8,13 @@ Every row trains the same CIML network for the same steps on the same synthetic 
 * ``N workers``: ``--workers N``: DataLoader processes make the next batches while the step runs.
 
 Per row: median wall milliseconds per step (batch wait + forward/backward/AdamW) in the fastest of
-the interleaved rounds, the mean time the training process waited for its batch, and the ratio to ``preloaded`` measured in the same run (CPU
-timings on a shared machine are noisy: compare ratios, not absolute numbers across runs). A second
-table times making one batch in process at the CPU and GPU patch sizes (no step), which says how many
-workers a GPU step needs to never wait.
+the interleaved rounds, the mean time the training process waited for its batch, and the ratio to
+``preloaded`` measured in the same run (CPU timings on a shared machine are noisy: compare ratios, not
+absolute numbers across runs). A second table times making one batch in process at the CPU and GPU
+patch sizes (no step), which says how many workers a GPU step needs to never wait.
 
-    python benchmarks/loading.py                      # 64^3 patches, batch 2, CPU widths; a few minutes
+    python benchmarks/loading.py                      # 64^3 patches, batch 2, CPU widths; minutes
+    python benchmarks/loading.py --widths 8 16 32 64 --warmup 1 --steps 4   # how results/ was made
     python benchmarks/loading.py --quick --out /tmp/loading.json   # smoke test, seconds
 """
 
