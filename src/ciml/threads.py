@@ -137,6 +137,11 @@ def choose_threads(environ: Mapping[str, str], affinity: int, quota: float | Non
     return ThreadChoice(max(1, affinity), "affinity", affinity, quota)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by its cgroup quota (OMP_NUM_THREADS aside)."""
+    return choose_threads({}, affinity_cpus(), cgroup_cpu_quota()).threads
+
+
 def configure_threads(environ: Mapping[str, str] | None = None) -> ThreadChoice:
     """Set torch's intra-op threads for this process (see the module's docstring); returns the choice."""
     choice = choose_threads(os.environ if environ is None else environ, affinity_cpus(), cgroup_cpu_quota())

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ciml.cli import main
+from ciml.data.augmentation import DEFAULT_AUGMENTATIONS
 from ciml.errors import CimlError
 from ciml.locks import folder_lock
 from ciml.runs import load_checkpoint, save_checkpoint
@@ -71,11 +72,19 @@ def _train(data: Path, out: Path, *extra: str) -> list[str]:
 def test_training_writes_the_run_folder_logs_and_plot(dataset, tmp_path) -> None:
     out = tmp_path / "run"
     assert (
-        main(_train(dataset, out, "--iterations", "4", "--validate-every", "2", "--modality-dropout", "0.5"))
+        main(
+            _train(
+                dataset, out, "--iterations", "4", "--validate-every", "2", "--modality-dropout", "0.5",
+                "--augment-p", "rotation=0.5",
+            )
+        )
         == 0
-    )
+    )  # fmt: skip
     info = json.loads((out / "run.json").read_text(encoding="utf-8"))
-    assert {"task", "model", "preprocessing", "patch_size", "data", "train"} <= set(info)
+    assert {"task", "model", "preprocessing", "patch_size", "augmentation", "data", "train"} <= set(info)
+    assert list(info["augmentation"]) == list(DEFAULT_AUGMENTATIONS)
+    assert info["augmentation"]["rotation"] == {"p": 0.5, "degrees": 30.0}
+    assert info["train"]["augment_probability"] == [["rotation", 0.5]] and info["train"]["workers"] >= 0
     splits = json.loads((out / "splits_final.json").read_text(encoding="utf-8"))
     assert len(splits) == 4 and all(not set(s["train"]) & set(s["val"]) for s in splits)
     fold = out / "fold_0"
@@ -92,6 +101,20 @@ def test_training_writes_the_run_folder_logs_and_plot(dataset, tmp_path) -> None
     assert log[-1]["event"] == "end"
     state = load_checkpoint(fold / "checkpoint_last.pt")
     assert state["iteration"] == 4 and state["config"] == info["model"]
+
+
+def test_unknown_augmentations_are_refused_with_the_valid_names(dataset, tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(_train(dataset, tmp_path / "run", "--augment", "default,rotate"))
+    assert exit_.value.code == 2
+    assert (
+        "--augment: unknown augmentation 'rotate'; valid: default, none, rotation, "
+        in capsys.readouterr().err
+    )
+    assert main(_train(dataset, tmp_path / "run", "--augment", "mirror", "--augment-p", "gamma=0.3")) == 1
+    err = capsys.readouterr().err
+    assert "--augment-p: 'gamma' is not selected; selected: mirror (add it to augment" in err
+    assert not (tmp_path / "run" / "fold_0").exists()
 
 
 def test_refuses_to_overwrite_a_fold_and_resume_needs_a_checkpoint(dataset, tmp_path, capsys) -> None:

@@ -7,9 +7,11 @@ import dataclasses
 from pathlib import Path
 
 from ciml.cli.options import add_dataset_arguments, add_device, add_progress, add_task, channel_flags, finish
+from ciml.data.augmentation import AUGMENTATIONS, parse_selection
 from ciml.models import model_names
 from ciml.threads import SEVERAL_JOBS_HELP
 from ciml.training.engine import CPU_DEFAULTS, GPU_DEFAULTS, TrainSettings, train
+from ciml.training.loading import default_workers
 
 DEFAULTS = TrainSettings(task="", data=Path(), out=Path())
 
@@ -95,6 +97,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULTS.foreground_fraction,
         help="share of foreground patches",
     )
+    parser.add_argument(
+        "--augment",
+        type=_selection,
+        metavar="none|default|NAME[,NAME...]",
+        help=f"augmentation of training patches, the same for every model: none; default (nnU-Net's "
+        f"transforms and probabilities: all but elastic); or names from {','.join(AUGMENTATIONS)}, "
+        "where default,elastic adds to the default (default: the task spec's training.augmentation, "
+        "else default)",
+    )
+    parser.add_argument(
+        "--augment-p",
+        dest="augment_probability",
+        type=_probability,
+        nargs="+",
+        default=[],
+        metavar="NAME=P",
+        help="probability of a selected augmentation, e.g. rotation=0.3 gamma=0 (0 switches it off)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help=f"background loader processes making and augmenting batches during the step; 0 makes "
+        f"them in the training process (default: CPUs - 1, at most 8; here {default_workers()})",
+    )
     parser.add_argument("--validate-every", type=int, help="steps between validations (default: one epoch)")
     parser.add_argument("--max-validation-cases", type=int, help="validate on at most this many cases")
     add_dataset_arguments(parser, task=False)
@@ -119,6 +145,32 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
         f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings) if hasattr(args, f.name)
     }
     return TrainSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def _selection(text: str) -> str:
+    """``--augment``'s value, refused at parse time with the valid names when unknown."""
+    try:
+        parse_selection(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _probability(text: str) -> tuple[str, float]:
+    """``NAME=P`` of ``--augment-p``."""
+    name, sep, value = text.partition("=")
+    name = name.strip().lower()
+    if not sep or name not in AUGMENTATIONS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected NAME=P with NAME one of {', '.join(AUGMENTATIONS)}"
+        )
+    try:
+        p = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not a probability") from None
+    if not 0.0 <= p <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: probability must be in [0, 1]")
+    return name, p
 
 
 def run(args: argparse.Namespace) -> int:

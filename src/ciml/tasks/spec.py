@@ -28,6 +28,8 @@ REGION_THRESHOLD = 0.5
 _REQUIRED_KEYS = ("name", "modalities", "regions", "decomposition", "assembly")
 _OPTIONAL_KEYS = ("fallback_owners", "description", "training", "labels")
 _TRAINING_KEYS = {"patch_size": int, "batch_size": int, "widths": int, "target_spacing": float}
+#: Checked here for its shape only; ciml.data.augmentation checks the names and parameters.
+_AUGMENTATION_KEY = "augmentation"
 
 
 class TaskSpecError(CimlError, ValueError):
@@ -53,7 +55,8 @@ class TaskSpec:
         decomposition: primary modality -> regions its segmentor owns.
         assembly: painting order that turns regions back into a label map; later steps override.
         fallback_owners: region -> modalities whose segmentors may stand in when every owner is missing.
-        training: default training sizes for this dataset (patch_size, batch_size, widths, target_spacing).
+        training: default training sizes for this dataset (patch_size, batch_size, widths, target_spacing)
+            and its augmentation (a selection or a mapping; see :mod:`ciml.data.augmentation`).
         label_names: label value -> what it means (``labels:`` in YAML). Datasets that name their labels
             (MSD and nnU-Net ``dataset.json``) are refused when their names disagree: BraTS 2020, BraTS
             2023 and MSD use the same small integers for different tissues.
@@ -260,12 +263,16 @@ def _parse_fallback(
 
 
 def _parse_training(raw: Any, source: str) -> dict[str, Any]:
+    allowed = ", ".join([*_TRAINING_KEYS, _AUGMENTATION_KEY])
     if not isinstance(raw, Mapping):
-        raise _fail(source, "training", f"must map {', '.join(_TRAINING_KEYS)} to values")
+        raise _fail(source, "training", f"must map {allowed} to values")
     out: dict[str, Any] = {}
     for key, value in raw.items():
+        if key == _AUGMENTATION_KEY:
+            out[key] = _parse_augmentation(value, source)
+            continue
         if key not in _TRAINING_KEYS:
-            raise _fail(source, f"training.{key}", f"unknown setting (allowed: {', '.join(_TRAINING_KEYS)})")
+            raise _fail(source, f"training.{key}", f"unknown setting (allowed: {allowed})")
         kind = _TRAINING_KEYS[key]
         values = value if isinstance(value, list) else [value]
         if not values or any(isinstance(v, bool) or not isinstance(v, int | float) or v <= 0 for v in values):
@@ -290,6 +297,21 @@ def _parse_label_names(raw: Any, regions: dict[str, tuple[int, ...]], source: st
             raise _fail(source, f"labels.{value}", f"not a label value of any region ({sorted(known)})")
         out[number] = str(name)
     return dict(sorted(out.items()))
+
+
+def _parse_augmentation(raw: Any, source: str) -> Any:
+    """A selection (string, list of names, true/false) or a mapping of names to parameters, as plain data."""
+    key = f"training.{_AUGMENTATION_KEY}"
+    if isinstance(raw, str | bool):
+        return raw
+    if isinstance(raw, Sequence) and all(isinstance(v, str) for v in raw):
+        return list(raw)
+    if isinstance(raw, Mapping) and all(isinstance(k, str) for k in raw):
+        return {k: list(v) if isinstance(v, Sequence) and not isinstance(v, str) else
+                dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}  # fmt: skip
+    raise _fail(
+        source, key, f"must be a selection (default, none, or a list of names) or a mapping, got {raw!r}"
+    )
 
 
 def _check_assembly_round_trip(spec: TaskSpec, source: str) -> None:

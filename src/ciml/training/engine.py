@@ -23,11 +23,12 @@ import torch
 import torch.distributed as dist
 
 from ciml import __version__
+from ciml.data.augmentation import Augmentation, augmentation_config
 from ciml.data.cases import Case
 from ciml.data.integrity import ensure_dataset_ok
 from ciml.data.layouts import read_dataset, resolve_task
 from ciml.data.preprocessing import PreprocessedCache, PreprocessedCase, PreprocessingPlan, plan_preprocessing
-from ciml.data.sampling import random_mirror, sample_patches
+from ciml.data.sampling import sample_patches
 from ciml.devices import resolve_device
 from ciml.errors import CimlError, ParameterError
 from ciml.files import write_json_atomic
@@ -38,6 +39,7 @@ from ciml.models import MissingModalities, SegmentationNetwork, build_model
 from ciml.runs import RunFolder
 from ciml.runs.log import RunLogger
 from ciml.tasks import REGION_THRESHOLD, TaskSpec
+from ciml.training.loading import BackgroundBatches, default_workers
 from ciml.training.loop import Batch, StepCallback, TrainConfig, Trainer
 
 CPU_DEFAULTS = {"patch_size": (64, 64, 64), "batch_size": 2, "widths": (16, 32, 64, 128)}
@@ -50,6 +52,12 @@ class TrainSettings:
 
     Unset sizes (None) fall back to the task's and then the device's defaults when the settings are
     resolved (:func:`resolve_settings`), which returns new settings and never changes these.
+
+    ``augment`` selects the augmentation ("default", "none", names such as "default,elastic"; None: the
+    task spec's ``training.augmentation``, else the default) and ``augment_probability`` overrides
+    probabilities of selected transforms, as (name, p) pairs (:mod:`ciml.data.augmentation`).
+    ``workers`` is the number of background loader processes (0: batches are made in the training
+    process; None: :func:`~ciml.training.loading.default_workers`).
     """
 
     task: str | None
@@ -74,6 +82,9 @@ class TrainSettings:
     layout: str = "auto"
     modality_dropout: float = 0.0
     foreground_fraction: float = 1 / 3
+    augment: str | None = None
+    augment_probability: tuple[tuple[str, float], ...] = ()
+    workers: int | None = None
     validate_every: int | None = None
     max_validation_cases: int | None = None
     amp: bool = TrainConfig.amp
@@ -161,6 +172,7 @@ class PatchStream:
         self.pairs = [(c.image, c.regions(spec)) for c in cases]
         self.spec, self.settings, self.rank = spec, settings, rank
         self.skips_segmentors = missing_modalities is MissingModalities.SKIP_SEGMENTOR
+        self.augment = Augmentation(_augmentation(settings, spec), spatial_dims=len(settings.patch_size))
 
     def __call__(self, iteration: int) -> Batch:
         rng = np.random.default_rng([self.settings.seed, iteration, self.rank])
@@ -170,7 +182,7 @@ class PatchStream:
             self.settings.batch_size,
             rng,
             foreground_fraction=self.settings.foreground_fraction,
-            augment=random_mirror,
+            augment=self.augment,
         )
         image_t, target_t = (
             torch.from_numpy(np.ascontiguousarray(image)),
@@ -247,7 +259,18 @@ def resolve_settings(settings: TrainSettings, spec: TaskSpec, device: torch.devi
     )
     if not 0.0 <= settings.modality_dropout < 1.0:
         raise ParameterError("modality_dropout", f"must be in [0, 1), got {settings.modality_dropout}")
-    return dataclasses.replace(settings, **sizes, iterations=iterations, validate_every=validate_every)
+    _augmentation(settings, spec)  # refuse a bad augmentation before any work
+    workers = default_workers() if settings.workers is None else settings.workers
+    if workers < 0:
+        raise ParameterError("workers", f"must be 0 (load in the training process) or more, got {workers}")
+    return dataclasses.replace(
+        settings, **sizes, iterations=iterations, validate_every=validate_every, workers=workers
+    )
+
+
+def _augmentation(settings: TrainSettings, spec: TaskSpec) -> dict[str, dict[str, Any]]:
+    """The run's augmentation (transform -> parameters), the same for every model."""
+    return augmentation_config(settings.augment, settings.augment_probability, spec)
 
 
 def _run_info(
@@ -263,6 +286,7 @@ def _run_info(
         "network": model.describe(),
         "preprocessing": plan.to_dict(),
         "patch_size": list(settings.patch_size),
+        "augmentation": _augmentation(settings, spec),
         "data": {"path": str(settings.data), "layout": settings.layout},
         "train": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
                   for k, v in asdict(effective).items() if k not in ("resume", "progress", "extra")},
@@ -294,6 +318,7 @@ def train(settings: TrainSettings, callbacks: Sequence[StepCallback] = ()) -> Ru
     """
     rank, world, device = _init_distributed(settings.device)
     spec = resolve_task(settings.task, settings.data, settings.layout)
+    _augmentation(settings, spec)  # a bad augmentation is refused before the dataset is read
     run = RunFolder(settings.out)
     _check_run_folder(run, settings)
     cases = read_dataset(settings.data, spec, settings.layout, channels=settings.channels)
@@ -369,7 +394,12 @@ def _train_checked(
         amp=settings.amp,
         compile=settings.compile,
     )
-    stream = PatchStream(train_cases, spec, settings, rank, model.missing_modalities)
+    stream = BackgroundBatches(
+        PatchStream(train_cases, spec, settings, rank, model.missing_modalities),
+        stop=settings.iterations,
+        workers=settings.workers,
+        pin_memory=device.type == "cuda",
+    )
 
     def validate(network: torch.nn.Module) -> dict[str, float]:
         tile = settings.validation_patch or settings.patch_size
@@ -392,6 +422,7 @@ def _train_checked(
         logger.record_rank_checksums(trainer.parameter_checksums())
         logger.plot()
     finally:
+        stream.close()
         logger.close()
     if world > 1:
         dist.barrier()
@@ -407,7 +438,9 @@ def _load_or_make_plan(run: RunFolder, cases, spec: TaskSpec, settings: TrainSet
 
 def _check_compatible(run: RunFolder, info: dict[str, Any]) -> None:
     existing = run.read_info()
-    for key in ("task", "model", "patch_size"):
+    for key in ("task", "model", "patch_size", "augmentation"):
+        if key == "augmentation" and key not in existing:
+            continue  # a run from before run.json recorded its augmentation
         if existing.get(key) != info[key]:
             raise CimlError(
                 f"{run.info_path}: this run was made with another {key}; train it with the same settings "
