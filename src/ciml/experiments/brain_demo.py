@@ -40,6 +40,9 @@ class BrainDemoConfig:
     model: str = "ciml"
     seed: int = 0
     device: str = "auto"
+    #: Mirroring only: 150 CPU steps are too few for nnU-Net's full augmentation to pay (it is the
+    #: default of `ciml train`); the demo shows the pipeline, not a converged model.
+    augment: str = "mirror"
 
 
 def write_phantoms(data_dir: Path, config: BrainDemoConfig, progress: bool = True) -> tuple[Path, Path]:
@@ -95,6 +98,7 @@ def train_settings(
         max_validation_cases=validation_cases,
         seed=config.seed,
         device=config.device,
+        augment=config.augment,
         progress=progress,
     )
 
