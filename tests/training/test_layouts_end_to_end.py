@@ -156,3 +156,46 @@ def test_training_refuses_unlabelled_cases_before_writing_anything(
     err = capsys.readouterr().err
     assert "2 of 3 cases have no label file" in err and "BRATS_002, BRATS_003." in err
     assert not run.exists()
+
+
+def write_brats_gli(root: Path, cases: int = 3, cavity: bool = False) -> Path:
+    """BraTS 2023/2024 GLI as distributed: BraTS-GLI-NNNNN-NNN/<case>-{t1c,t1n,t2f,t2w,seg}.nii.gz.
+
+    Labels 1 NCR/NETC, 2 SNFH, 3 ET; with ``cavity`` (2024 post-treatment) also 4 RC, a blob apart.
+    """
+    rng = np.random.default_rng(1)
+    for i in range(cases):
+        case = f"BraTS-GLI-{i:05d}-000"
+        labels = _tumour(rng)
+        labels = np.select([labels == 1, labels == 2, labels == 3], [2, 1, 3], 0).astype(np.uint8)
+        if cavity:
+            labels[1:4, 1:4, 1:4] = 4
+        for k, modality in enumerate(("t1c", "t1n", "t2f", "t2w"), start=1):
+            image = 100 + 15 * k * (labels > 0) + rng.normal(0, 5, SHAPE)
+            _save(root / case / f"{case}-{modality}.nii.gz", image.astype(np.float32))
+        _save(root / case / f"{case}-seg.nii.gz", labels)
+        (root / case / f"._{case}-seg.nii.gz").write_bytes(APPLEDOUBLE)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task, cavity", [("brats2023", False), ("brats2024", True)])
+def test_brats_gli_check_train_predict_evaluate_lesionwise(tmp_path, capsys, task: str, cavity: bool) -> None:
+    data = write_brats_gli(tmp_path / "ASNR-MICCAI-BraTS-GLI-TrainingData", cavity=cavity)
+    assert main(["check-data", "--task", task, "--data", str(data), "--quiet"]) == 0
+    assert "checked 3 cases" in capsys.readouterr().out
+    run = tmp_path / "run"
+    assert main(["train", "--task", task, "--data", str(data), "--out", str(run), *TRAIN]) == 0
+    pred = tmp_path / "pred"
+    assert (
+        main(["predict", "--run", str(run), "--input", str(data), "--output", str(pred), "--device", "cpu"])
+        == 0
+    )
+    written = np.asarray(nib.load(pred / "BraTS-GLI-00000-000.nii.gz").dataobj)
+    assert set(np.unique(written)) <= ({0, 1, 2, 3, 4} if cavity else {0, 1, 2, 3})
+    out = tmp_path / "metrics.json"
+    assert main(["evaluate", "--task", task, "--pred", str(pred), "--ref", str(data), "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text(encoding="utf-8"))
+    assert metrics["n_cases"] == 3 and metrics["convention"] == task and metrics["metrics"] == "all"
+    et = metrics["cases"]["BraTS-GLI-00000-000"]["ET"]
+    assert {"dice", "hd95", "lesionwise_dice", "lesionwise_hd95"} <= set(et)
