@@ -24,6 +24,7 @@ from torch import nn
 from ciml.data.shapecomposition import SelectivityMeter, composite_dice, make_batch, validate_spec
 from ciml.errors import CimlError
 from ciml.files import atomic_path, write_json_atomic
+from ciml.losses import DEFAULT_BETA
 from ciml.models import build_model
 from ciml.tasks import REGION_THRESHOLD, TaskSpec, load_task
 from ciml.training import Batch, TrainConfig, Trainer
@@ -46,7 +47,7 @@ class ShapeExperimentConfig:
     batch_size: int = 16
     iterations: int = 600
     lr: float = 3e-3
-    beta: float = 1e-3
+    beta: float = DEFAULT_BETA
     seed: int = 0
     validation_samples: int = 256
     methods: tuple[str, ...] = DEMO_METHODS
