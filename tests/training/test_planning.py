@@ -119,3 +119,13 @@ def test_an_explicit_patch_over_gpu_memory_is_refused_before_anything_is_written
     err = capsys.readouterr().err
     assert "--patch: 32 32 32 needs an estimated" in err and "would fit at batch 2" in err
     assert "Traceback" not in err and not out.exists()
+
+
+def test_a_resumed_planned_run_keeps_its_recorded_sizes(dataset, tmp_path, capsys) -> None:  # noqa: F811
+    out = tmp_path / "run"
+    assert main(_train(dataset, out, "--gpu-memory", str(20 / 1024))) == 0
+    first = json.loads((out / "run.json").read_text(encoding="utf-8"))["plan"]
+    # a larger budget would plan a larger patch; the run keeps the one it was made with
+    assert main([*_train(dataset, out, "--gpu-memory", "1"), "--iterations", "2", "--resume"]) == 0
+    plans = [line for line in capsys.readouterr().out.splitlines() if line.startswith("plan: ")]
+    assert len(plans) == 2 and plans[1].startswith(f"plan: patch {'x'.join(map(str, first['patch_size']))}, ")

@@ -365,11 +365,11 @@ def train(settings: TrainSettings, callbacks: Sequence[StepCallback] = ()) -> Ru
     """
     rank, world, device = _init_distributed(settings.device)
     spec = resolve_task(settings.task, settings.data, settings.layout)
+    run = RunFolder(settings.out)
     # bad settings (an augmentation, sizes that cannot fit the device) are refused before any work
-    settings = resolve_settings(settings, spec, device)
+    settings = resolve_settings(_planned_sizes(run, settings), spec, device)
     if settings.plan is not None and rank == 0:
         print(settings.plan.summary(), flush=True)
-    run = RunFolder(settings.out)
     _check_run_folder(run, settings)
     cases = read_dataset(settings.data, spec, settings.layout, channels=settings.channels)
     refuse_unlabelled(cases, settings.data)
@@ -379,6 +379,26 @@ def train(settings: TrainSettings, callbacks: Sequence[StepCallback] = ()) -> Ru
     lock = folder_lock(run.fold_dir(settings.fold)) if rank == 0 else contextlib.nullcontext()
     with lock:
         return _train_checked(settings, spec, run, cases, rank, world, device, callbacks)
+
+
+def _planned_sizes(run: RunFolder, settings: TrainSettings) -> TrainSettings:
+    """``settings`` with the sizes not given taken from the run's recorded plan, if it has one.
+
+    Folds and resumes of a planned run keep its widths, patch and batch (run.json's model and patch
+    must match), on whatever device they run; the planner then only checks that they fit.
+    """
+    if not run.info_path.is_file():
+        return settings
+    plan = run.read_info().get("plan")
+    if not plan:
+        return settings
+    recorded = {
+        "widths": tuple(plan["widths"]),
+        "patch_size": tuple(plan["patch_size"]),
+        "batch_size": plan["batch_size"],
+    }
+    given = {k: v for k, v in recorded.items() if getattr(settings, k) is None}
+    return dataclasses.replace(settings, **given)
 
 
 def refuse_unlabelled(cases: Sequence[Case], data: Path, shown: int = 10) -> None:
