@@ -10,7 +10,7 @@ the loss is ready (what checkpointing keeps counts here), the peak of live tenso
 backward plus AdamW's two states per parameter, and, to compare with the issue's figures, the plain
 sum of every saved tensor's size (storages shared by several saved tensors counted each time, weights
 included). Ratios are to the joint U-Net of the same run. CIML's "equal FLOPs" widths are searched as in
-benchmarks/speed.py, so its forward FLOPs, gates included, equal the joint U-Net's.
+ciml.training.planning (as `ciml train` does), so its forward FLOPs, gates included, equal the joint U-Net's.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ from ciml.losses import CIMLLoss
 from ciml.models import build_model
 from ciml.tasks import load_task
 from ciml.training.memory import GIB, _as_output, count_step, in_dtype
-from speed import NNUNET_WIDTHS, git_commit, match_ciml_widths
+from ciml.training.planning import NNUNET_WIDTHS
+from ciml.training.planning import match_widths as match_ciml_widths
+from speed import git_commit
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

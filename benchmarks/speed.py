@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import gc
 import os
 import platform
@@ -45,7 +44,6 @@ from monai.networks.nets import DynUNet
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ciml import files
@@ -54,16 +52,15 @@ from ciml.inferers import SIGMA_SCALE, sliding_window_probabilities
 from ciml.losses import CIMLLoss
 from ciml.models import SegmentationOutput, build_model
 from ciml.tasks import TaskSpec, load_task
+from ciml.training.planning import NNUNET_WIDTHS, forward_flops
+from ciml.training.planning import match_widths as match_ciml_widths
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-NNUNET_WIDTHS = (32, 64, 128, 256, 320)
 #: MONAI's BraTS tutorial SegResNet: init_filters=16, blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1).
 SEGRESNET_TUTORIAL_WIDTHS = (16, 32, 64, 128)
 BRATS_CASE = (240, 240, 155)
 BETA = 1e-3
 COMPILED = " (compiled)"
-#: Width multipliers tried for CIML's segmentors (a half-width segmentor per modality is about equal).
-WIDTH_FACTORS = tuple(round(0.30 + 0.01 * i, 2) for i in range(46))
 
 
 @dataclass(frozen=True)
@@ -174,52 +171,8 @@ def settings_for(
     return settings
 
 
-# ---------------------------------------------------------------------------------------------- FLOPs
-
-
-def forward_flops(build: Callable[[], nn.Module], input_shape: Sequence[int]) -> int:
-    """FLOPs of one forward pass, counted on the meta device: shapes only, no memory, no arithmetic."""
-    with torch.device("meta"):
-        model = build()
-        x = torch.empty(*input_shape)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    return int(counter.get_total_flops())
-
-
-def scaled_widths(widths: Sequence[int], factor: float, quantum: int) -> tuple[int, ...]:
-    """``widths * factor``, each rounded to a multiple of ``quantum`` (at least ``quantum``)."""
-    return tuple(max(quantum, round(w * factor / quantum) * quantum) for w in widths)
-
-
-def match_ciml_widths(
-    spec: TaskSpec, joint_widths: Sequence[int], input_shape: Sequence[int]
-) -> tuple[tuple[int, ...], int, int]:
-    """CIML segmentor widths whose forward FLOPs are closest to the joint U-Net's.
-
-    FLOPs grow with the width multiplier, so a bisection over the candidates finds the first one at or
-    above the joint's; it or its predecessor is the closest.
-
-    Returns:
-        (ciml widths, ciml forward FLOPs, joint forward FLOPs), both counted at ``input_shape``.
-    """
-    joint = forward_flops(lambda: build_model("joint", spec, widths=joint_widths), input_shape)
-    quantum = 8 if min(joint_widths) >= 32 else 4 if min(joint_widths) >= 8 else 2
-    candidates = list(dict.fromkeys(scaled_widths(joint_widths, f, quantum) for f in WIDTH_FACTORS))
-
-    @functools.cache
-    def flops(index: int) -> int:
-        return forward_flops(lambda: build_model("ciml", spec, widths=candidates[index]), input_shape)
-
-    low, high = 0, len(candidates) - 1
-    while low < high:
-        middle = (low + high) // 2
-        if flops(middle) < joint:
-            low = middle + 1
-        else:
-            high = middle
-    best = min({low, max(low - 1, 0)}, key=lambda i: abs(flops(i) - joint))
-    return candidates[best], flops(best), joint
+# forward_flops and the equal-FLOPs width search (match_ciml_widths) live in the library, in
+# ciml.training.planning, which `ciml train` plans with.
 
 
 # ----------------------------------------------------------------------------------------- networks

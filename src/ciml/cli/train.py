@@ -67,7 +67,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--widths",
         type=int,
         nargs="+",
-        help=f"U-Net widths per level (default GPU {GPU_DEFAULTS['widths']}, CPU {CPU_DEFAULTS['widths']})",
+        help=f"U-Net widths per level (default GPU {GPU_DEFAULTS['widths']} for joint U-Nets and, for "
+        "per-modality segmentors (ciml), the widths of equal forward FLOPs; CPU "
+        f"{CPU_DEFAULTS['widths']})",
+    )
+    parser.add_argument(
+        "--gpu-memory",
+        type=float,
+        metavar="GB",
+        help="device memory in GiB to plan widths, patch and batch for, nnU-Net style (default: the CUDA "
+        "device's; on a CPU no planning). Sizes given explicitly are kept, or refused if they cannot fit",
     )
     parser.add_argument(
         "--spacing",

@@ -41,6 +41,8 @@ from ciml.runs.log import RunLogger
 from ciml.tasks import REGION_THRESHOLD, TaskSpec
 from ciml.training.loading import BackgroundBatches, default_workers
 from ciml.training.loop import Batch, StepCallback, TrainConfig, Trainer
+from ciml.training.memory import GIB
+from ciml.training.planning import TrainingPlan, plan_training
 
 CPU_DEFAULTS = {"patch_size": (64, 64, 64), "batch_size": 2, "widths": (16, 32, 64, 128)}
 GPU_DEFAULTS = {"patch_size": (128, 128, 128), "batch_size": 2, "widths": (32, 64, 128, 256, 320)}
@@ -58,6 +60,9 @@ class TrainSettings:
     probabilities of selected transforms, as (name, p) pairs (:mod:`ciml.data.augmentation`).
     ``workers`` is the number of background loader processes (0: batches are made in the training
     process; None: :func:`~ciml.training.loading.default_workers`).
+    ``gpu_memory`` is the device memory in GiB to plan widths, patch and batch for (None: the CUDA
+    device's total memory; on a CPU no planning). ``plan`` is set by :func:`resolve_settings` when it
+    planned (:mod:`ciml.training.planning`), never by the caller.
     """
 
     task: str | None
@@ -94,6 +99,8 @@ class TrainSettings:
     tensorboard: bool = False
     progress: bool = True
     channels: dict[str, int] | None = None
+    gpu_memory: float | None = None
+    plan: TrainingPlan | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -234,11 +241,16 @@ def validation_dice(
 def resolve_settings(settings: TrainSettings, spec: TaskSpec, device: torch.device) -> TrainSettings:
     """``settings`` with every unset size and schedule filled in, validated (a new value).
 
+    On CUDA, or with ``gpu_memory`` set, the widths, patch and batch not given are planned to fit the
+    device's memory (:func:`~ciml.training.planning.plan_training`; the plan is in ``plan``).
+
     Raises:
         CimlError: a patch size the network cannot take, or a modality dropout outside [0, 1).
+        ParameterError: explicit sizes whose training step cannot fit the device's memory.
     """
     defaults = dict(CPU_DEFAULTS)
-    if device.type == "cuda":  # the task's sizes are GPU sizes
+    budget = memory_budget(settings, device)
+    if device.type == "cuda" or budget is not None:  # the task's sizes are GPU sizes
         defaults.update(GPU_DEFAULTS)
         defaults.update({k: tuple(v) if isinstance(v, list) else v for k, v in spec.training.items()})
     sizes = {
@@ -251,6 +263,24 @@ def resolve_settings(settings: TrainSettings, spec: TaskSpec, device: torch.devi
         raise ParameterError(
             "patch_size", f"{sizes['patch_size']}: need 3 sizes divisible by {divisor} (2^(levels-1))"
         )
+    plan = None
+    if budget is not None and settings.plan is None:
+        task_widths = "widths" in spec.training  # the task's widths are a choice, as --widths is
+        plan = plan_training(
+            settings.model,
+            spec,
+            budget,
+            widths=sizes["widths"] if settings.widths is not None or task_widths else None,
+            patch_size=settings.patch_size,
+            batch_size=settings.batch_size,
+            start_patch=sizes["patch_size"],
+            start_batch=sizes["batch_size"],
+            dtype=torch.bfloat16 if settings.amp and device.type == "cuda" else torch.float32,
+            optimizer=settings.optimizer,
+            beta=settings.beta,
+            checkpoint_activations=settings.checkpoint_activations,
+        )
+        sizes.update(widths=plan.widths, patch_size=plan.patch_size, batch_size=plan.batch_size)
     iterations = settings.iterations
     if iterations is None:
         iterations = (settings.epochs or 1000) * settings.iterations_per_epoch
@@ -264,8 +294,24 @@ def resolve_settings(settings: TrainSettings, spec: TaskSpec, device: torch.devi
     if workers < 0:
         raise ParameterError("workers", f"must be 0 (load in the training process) or more, got {workers}")
     return dataclasses.replace(
-        settings, **sizes, iterations=iterations, validate_every=validate_every, workers=workers
+        settings,
+        **sizes,
+        iterations=iterations,
+        validate_every=validate_every,
+        workers=workers,
+        plan=plan or settings.plan,
     )
+
+
+def memory_budget(settings: TrainSettings, device: torch.device) -> int | None:
+    """Bytes to plan a step for: ``gpu_memory`` GiB, else the CUDA device's total memory (None on a CPU)."""
+    if settings.gpu_memory is not None:
+        if settings.gpu_memory <= 0:
+            raise ParameterError("gpu_memory", f"must be a positive size in GiB, got {settings.gpu_memory}")
+        return int(settings.gpu_memory * GIB)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return None
 
 
 def _augmentation(settings: TrainSettings, spec: TaskSpec) -> dict[str, dict[str, Any]]:
@@ -286,10 +332,11 @@ def _run_info(
         "network": model.describe(),
         "preprocessing": plan.to_dict(),
         "patch_size": list(settings.patch_size),
+        **({"plan": settings.plan.as_dict()} if settings.plan is not None else {}),
         "augmentation": _augmentation(settings, spec),
         "data": {"path": str(settings.data), "layout": settings.layout},
         "train": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
-                  for k, v in asdict(effective).items() if k not in ("resume", "progress", "extra")},
+                  for k, v in asdict(effective).items() if k not in ("resume", "progress", "extra", "plan")},
     }  # fmt: skip
 
 
@@ -318,8 +365,11 @@ def train(settings: TrainSettings, callbacks: Sequence[StepCallback] = ()) -> Ru
     """
     rank, world, device = _init_distributed(settings.device)
     spec = resolve_task(settings.task, settings.data, settings.layout)
-    _augmentation(settings, spec)  # a bad augmentation is refused before the dataset is read
     run = RunFolder(settings.out)
+    # bad settings (an augmentation, sizes that cannot fit the device) are refused before any work
+    settings = resolve_settings(_planned_sizes(run, settings), spec, device)
+    if settings.plan is not None and rank == 0:
+        print(settings.plan.summary(), flush=True)
     _check_run_folder(run, settings)
     cases = read_dataset(settings.data, spec, settings.layout, channels=settings.channels)
     refuse_unlabelled(cases, settings.data)
@@ -329,6 +379,26 @@ def train(settings: TrainSettings, callbacks: Sequence[StepCallback] = ()) -> Ru
     lock = folder_lock(run.fold_dir(settings.fold)) if rank == 0 else contextlib.nullcontext()
     with lock:
         return _train_checked(settings, spec, run, cases, rank, world, device, callbacks)
+
+
+def _planned_sizes(run: RunFolder, settings: TrainSettings) -> TrainSettings:
+    """``settings`` with the sizes not given taken from the run's recorded plan, if it has one.
+
+    Folds and resumes of a planned run keep its widths, patch and batch (run.json's model and patch
+    must match), on whatever device they run; the planner then only checks that they fit.
+    """
+    if not run.info_path.is_file():
+        return settings
+    plan = run.read_info().get("plan")
+    if not plan:
+        return settings
+    recorded = {
+        "widths": tuple(plan["widths"]),
+        "patch_size": tuple(plan["patch_size"]),
+        "batch_size": plan["batch_size"],
+    }
+    given = {k: v for k, v in recorded.items() if getattr(settings, k) is None}
+    return dataclasses.replace(settings, **given)
 
 
 def refuse_unlabelled(cases: Sequence[Case], data: Path, shown: int = 10) -> None:
@@ -353,7 +423,6 @@ def _train_checked(
     device: torch.device,
     callbacks: Sequence[StepCallback],
 ) -> RunFolder:
-    settings = resolve_settings(settings, spec, device)
     split = _load_or_make_splits(run, cases, settings)
     by_id = {c.case_id: c for c in cases}
 
