@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ciml.losses import CIMLLoss
+from ciml.losses import DEFAULT_BETA, CIMLLoss
 from ciml.models import SegmentationOutput
 from ciml.tasks import TaskSpec, load_task
 
@@ -180,7 +180,7 @@ def count_step(
     batch: torch.Tensor,
     target: torch.Tensor,
     regions: Sequence[str],
-    beta: float = 1e-3,
+    beta: float = DEFAULT_BETA,
     optimizer: str = "adamw",
     activation_dtype: torch.dtype | None = None,
 ) -> StepMemory:
@@ -239,7 +239,7 @@ def step_memory(
     task: TaskSpec | str | dict[str, Any],
     patch: Sequence[int],
     batch: int = 2,
-    beta: float = 1e-3,
+    beta: float = DEFAULT_BETA,
     optimizer: str = "adamw",
     activation_dtype: torch.dtype | None = None,
     device: str | torch.device = "meta",

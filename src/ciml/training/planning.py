@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ciml.errors import ParameterError
+from ciml.losses import DEFAULT_BETA
 from ciml.models import CIMLNet, build_model
 from ciml.tasks import TaskSpec, load_task
 from ciml.training.memory import GIB, step_memory
@@ -226,7 +227,7 @@ def plan_training(
     dtype: torch.dtype = torch.bfloat16,
     margin: float = SAFETY_MARGIN,
     optimizer: str = "adamw",
-    beta: float = 1e-3,
+    beta: float = DEFAULT_BETA,
     checkpoint_activations: bool = False,
     count: Callable[[tuple[int, ...], int], tuple[int, int]] | None = None,
 ) -> TrainingPlan:
