@@ -57,7 +57,9 @@ class TrainSettings:
     task spec's ``training.augmentation``, else the default) and ``augment_probability`` overrides
     probabilities of selected transforms, as (name, p) pairs (:mod:`ciml.data.augmentation`).
     ``workers`` is the number of background loader processes (0: batches are made in the training
-    process; None: :func:`~ciml.training.loading.default_workers`).
+    process; None: :func:`~ciml.training.loading.default_workers`). ``deep_supervision`` trains with
+    nnU-Net's weighted multi-scale loss (auxiliary decoder heads; off by default, refused by models
+    without it, e.g. segresnet).
     """
 
     task: str | None
@@ -90,6 +92,7 @@ class TrainSettings:
     amp: bool = TrainConfig.amp
     compile: bool = TrainConfig.compile
     checkpoint_activations: bool = False
+    deep_supervision: bool = False
     resume: bool = False
     tensorboard: bool = False
     progress: bool = True
@@ -365,6 +368,7 @@ def _train_checked(
         widths=settings.widths,
         spatial_dims=3,
         zero_fill_missing=settings.modality_dropout > 0,
+        deep_supervision=settings.deep_supervision,
     )
     if settings.checkpoint_activations:
         model.checkpoint_activations = True  # networks that cannot recompute their stages refuse it
