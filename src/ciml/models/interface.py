@@ -71,7 +71,7 @@ class SegmentationNetwork(nn.Module):
             raise ParameterError(
                 "deep_supervision",
                 f"not supported by the {self.name} model (it has no per-scale decoder outputs to "
-                "supervise); build it without deep supervision",
+                "supervise); leave {deep_supervision} off, or use joint or a CIML model",
             )
         self.deep_supervision = bool(deep_supervision)
 
