@@ -199,3 +199,18 @@ def test_every_network_declares_it_and_segresnet_refuses_clearly():
         assert not model.deep_supervision
     with pytest.raises(ParameterError, match="deep_supervision: not supported by the segresnet model"):
         build_model("segresnet", "brats2020", widths=(4, 8), spatial_dims=2, deep_supervision=True)
+
+
+def test_activation_checkpointing_keeps_deep_supervision_gradients(monkeypatch):
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
+    x = torch.randn(2, 4, 16, 16)
+    results = []
+    for enabled in (False, True):
+        model = _model("ciml", deep=True, fallback=True).train()
+        model.checkpoint_activations = enabled
+        results.append(_outputs_and_grads(model, x, None, grouped=True))
+    (_, loss_a, grads_a), (_, loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    assert sorted(grads_a) == sorted(grads_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
