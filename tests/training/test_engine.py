@@ -239,3 +239,14 @@ def test_checkpoint_activations_trains_and_is_recorded(dataset, tmp_path) -> Non
     assert main(_train(dataset, out, "--iterations", "2", "--checkpoint-activations")) == 0
     info = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert info["train"]["checkpoint_activations"] is True
+
+
+def test_deep_supervision_trains_and_is_recorded(dataset, tmp_path) -> None:
+    out = tmp_path / "run"
+    widths = ["--widths", "4", "4", "8", "8"]  # 4 levels: one auxiliary head, at half resolution
+    assert main(_train(dataset, out, "--iterations", "2", "--deep-supervision", *widths)) == 0
+    info = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert info["train"]["deep_supervision"] is True
+    assert info["model"]["deep_supervision"] is True and info["network"]["deep_supervision"] is True
+    state = load_checkpoint(out / "fold_0" / "checkpoint_last.pt")
+    assert any(".deep_heads." in k for k in state["model"])

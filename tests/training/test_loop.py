@@ -139,3 +139,28 @@ def test_compiled_training_takes_the_same_steps_as_eager() -> None:
     eager, compiled = json.loads(proc.stdout.strip().splitlines()[-1])
     assert compiled == pytest.approx(eager, rel=1e-3)
     assert eager[2] < eager[0]  # it trains
+
+
+def test_deep_supervision_trains_the_heads_with_the_same_logged_terms() -> None:
+    torch.manual_seed(0)
+    net = build_model("ciml", SPEC, widths=(4, 4, 8, 8), spatial_dims=2, deep_supervision=True)
+    config = TrainConfig(iterations=3, region_names=list(SPEC.region_names))
+    trainer = Trainer(net, config, training_stream(SPEC, DATA))
+    heads = {n: p.detach().clone() for n, p in net.named_parameters() if ".deep_heads." in n}
+    assert heads
+    history = trainer.fit(progress=False)
+    assert {"loss", "seg", "kl", "seg/m0", "seg/m1"} <= set(history[0])
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    assert all(not torch.equal(p, heads[n]) for n, p in net.named_parameters() if n in heads)
+
+
+def test_deep_supervision_option_and_setting_default_off() -> None:
+    from ciml.cli import build_parser
+    from ciml.cli.train import settings_from_args
+    from ciml.training.engine import TrainSettings
+
+    assert TrainSettings(task=None, data="d", out="o").deep_supervision is False
+    base = ["train", "--task", "brats2020", "--data", "d", "--out", "o"]
+    assert settings_from_args(build_parser().parse_args(base)).deep_supervision is False
+    on = settings_from_args(build_parser().parse_args([*base, "--deep-supervision"]))
+    assert on.deep_supervision is True

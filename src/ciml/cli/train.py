@@ -142,6 +142,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="recompute U-Net stages in backward instead of storing them (less memory, ~1.3x the time)",
     )
+    parser.add_argument(
+        "--deep-supervision",
+        action="store_true",
+        help="nnU-Net's deep supervision: auxiliary heads on the coarser decoder scales, loss weighted "
+        "1/2^i per scale (U-Net models and CIML's segmentors; not segresnet; off by default)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue the fold from its last checkpoint")
     parser.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (when installed)")
     add_progress(parser)

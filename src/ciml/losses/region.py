@@ -3,6 +3,13 @@
 Every term is reported separately so logs show what the optimiser is trading off. A segmentor's fallback
 channels (regions it stands in for, the spec's ``fallback_owners``) get the same BCE + soft Dice against
 those regions' targets, reported apart as ``seg/<segmentor>/fallback`` and added to the segmentation sum.
+
+Deep supervision (nnU-Net's weighted multi-scale loss): when the output carries deep-supervision logits
+(``deep_logits`` / ``deep_fallback_logits``, scales 1, 2, ...), each segmentor's term is instead
+sum_i w_i * (BCE + soft Dice)(logits at scale i, target at scale i) over scales i = 0 (full resolution,
+the main logits) and the auxiliary ones, with w_i = 1 / 2^i normalised to sum 1
+(:func:`~ciml.models.deep_supervision_weights`). Targets are max-pooled to each scale
+(:func:`downsample_target`).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ciml.errors import CimlError
+from ciml.models.backbone import deep_supervision_weights
 from ciml.models.output import SegmentationOutput
 
 
@@ -46,6 +54,28 @@ class LossTerms:
         out.update({f"seg/{k}": v for k, v in self.per_segmentor.items()})
         out.update({f"kl/{k}": v for k, v in self.per_gate.items()})
         return {k: float(v.detach()) for k, v in out.items()}
+
+
+def downsample_target(target: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Binary region masks [B, R, *spatial] max-pooled to ``shape`` (the logits' spatial size).
+
+    A coarse voxel is in a region when any of the fine voxels it covers is (kernel = stride = the
+    integer factor per axis, the cells the strided encoder convolutions tile). Max rather than
+    nnU-Net's nearest-neighbour sampling: a structure smaller than the cell (a thin enhancing rim, a
+    small lesion) is never dropped by the grid phase, and nesting of regions (ET in TC in WT) is kept.
+
+    Raises:
+        ValueError: a target size that is not an integer multiple of ``shape``.
+    """
+    spatial = tuple(target.shape[2:])
+    shape = tuple(int(n) for n in shape)
+    if spatial == shape:
+        return target
+    if len(shape) != len(spatial) or any(n <= 0 or t % n for t, n in zip(spatial, shape, strict=True)):
+        raise ValueError(f"target size {spatial} is not an integer multiple of the logits' size {shape}")
+    factors = tuple(t // n for t, n in zip(spatial, shape, strict=True))
+    pool = F.max_pool3d if len(shape) == 3 else F.max_pool2d if len(shape) == 2 else F.max_pool1d
+    return pool(target.float(), kernel_size=factors, stride=factors).to(target.dtype)
 
 
 #: Weight of the KL (bottleneck) term unless a run asks for another; chosen on ShapeComposition
@@ -89,15 +119,41 @@ class CIMLLoss(torch.nn.Module):
                 f"target of shape {tuple(target.shape)} must have one channel per region "
                 f"({len(self.index)}: {', '.join(self.index)}) along dim 1"
             )
+        targets: dict[tuple[int, ...], torch.Tensor] = {}  # target per scale, pooled once
         per_segmentor = {
-            name: self._region_loss(logits, output.owned[name], target)
+            name: self._scaled_loss(
+                logits, output.deep_logits.get(name, []), output.owned[name], target, targets
+            )
             for name, logits in output.logits.items()
         }
         for name, logits in output.fallback_logits.items():
-            per_segmentor[f"{name}/fallback"] = self._region_loss(logits, output.fallback[name], target)
+            deep = output.deep_fallback_logits.get(name, [])
+            per_segmentor[f"{name}/fallback"] = self._scaled_loss(
+                logits, deep, output.fallback[name], target, targets
+            )
         segmentation = sum(per_segmentor.values(), target.new_zeros((), dtype=torch.float32))
         total = segmentation + self.beta * output.kl if self.beta else segmentation
         return LossTerms(total, segmentation, output.kl, per_segmentor, dict(output.kl_terms))
+
+    def _scaled_loss(
+        self,
+        logits: torch.Tensor,
+        deep: Sequence[torch.Tensor],
+        regions: Sequence[str],
+        target: torch.Tensor,
+        targets: dict[tuple[int, ...], torch.Tensor],
+    ) -> torch.Tensor:
+        """The region loss of ``logits``, or with ``deep`` logits nnU-Net's weighted sum over scales."""
+        if not deep:
+            return self._region_loss(logits, regions, target)
+        weights = deep_supervision_weights(1 + len(deep))
+        total = weights[0] * self._region_loss(logits, regions, target)
+        for weight, scale_logits in zip(weights[1:], deep, strict=True):
+            shape = tuple(scale_logits.shape[2:])
+            if shape not in targets:
+                targets[shape] = downsample_target(target, shape)
+            total = total + weight * self._region_loss(scale_logits, regions, targets[shape])
+        return total
 
     def _region_loss(
         self, logits: torch.Tensor, regions: Sequence[str], target: torch.Tensor

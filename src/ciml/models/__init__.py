@@ -1,6 +1,6 @@
 """Networks: the U-Net backbone, the information gate, CIML and its baselines, one registry."""
 
-from ciml.models.backbone import UNet
+from ciml.models.backbone import UNet, deep_supervision_levels, deep_supervision_weights
 from ciml.models.ciml import CIMLNet, gate_key
 from ciml.models.gate import GateOutput, InformationGate, gaussian_bottleneck_kl
 from ciml.models.interface import MissingModalities, SegmentationNetwork
@@ -18,6 +18,8 @@ __all__ = [
     "UNet",
     "build_model",
     "check_state_dict",
+    "deep_supervision_levels",
+    "deep_supervision_weights",
     "gate_key",
     "gaussian_bottleneck_kl",
     "model_from_config",

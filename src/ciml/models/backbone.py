@@ -4,6 +4,10 @@ Per level: two conv-InstanceNorm-LeakyReLU blocks (the first strided to downsamp
 resolution); the decoder upsamples with transposed convolutions and concatenates the skip features.
 The encoder and decoder are separate modules so CIML can add messages to the skips in between.
 
+Deep supervision (nnU-Net's): the decoder may carry auxiliary 1x1 heads on its outputs at the coarser
+resolutions, whose logits training supervises against downsampled targets with the weights of
+:func:`deep_supervision_weights`. Which levels get heads is :func:`deep_supervision_levels`.
+
 Example:
     >>> net = UNet(in_channels=4, out_channels=3, widths=(8, 16, 32), spatial_dims=3)
     >>> net(torch.zeros(1, 4, 16, 16, 16)).shape
@@ -41,6 +45,36 @@ def maybe_checkpoint(fn, *args: torch.Tensor, enabled: bool) -> torch.Tensor:
     if enabled and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
     return fn(*args)
+
+
+def deep_supervision_levels(levels: int) -> tuple[int, ...]:
+    """Decoder levels supervised by auxiliary heads for a U-Net of ``levels`` levels (0 = full resolution).
+
+    nnU-Net supervises every decoder output except the lowest one (its weight is zeroed), and the
+    bottleneck has no output: all but the two lowest resolutions. Level 0 is the main head, so the
+    auxiliary levels are ``1 .. levels - 3`` (none for fewer than 4 levels).
+
+    Example:
+        >>> deep_supervision_levels(5), deep_supervision_levels(4), deep_supervision_levels(3)
+        ((1, 2), (1,), ())
+    """
+    return tuple(range(1, levels - 2))
+
+
+def deep_supervision_weights(scales: int) -> tuple[float, ...]:
+    """Loss weights of scales ``0 .. scales - 1`` (0: full resolution): 1 / 2^i, normalised to sum 1.
+
+    nnU-Net's weights, with its zero-weighted lowest decoder output left out (it has no head here).
+
+    Example:
+        >>> deep_supervision_weights(3)  # 1, 1/2, 1/4 over 7/4
+        (0.5714285714285714, 0.2857142857142857, 0.14285714285714285)
+    """
+    if scales < 1:
+        raise ValueError(f"scales must be >= 1, got {scales}")
+    raw = [1.0 / 2**i for i in range(scales)]
+    total = sum(raw)
+    return tuple(w / total for w in raw)
 
 
 class ConvNormAct(nn.Sequential):
@@ -90,9 +124,16 @@ class UNetEncoder(nn.Module):
 
 
 class UNetDecoder(nn.Module):
-    """Upsamples from the bottleneck, concatenating each level's skip, and ends in a 1x1 head."""
+    """Upsamples from the bottleneck, concatenating each level's skip, and ends in a 1x1 head.
 
-    def __init__(self, widths: Sequence[int], out_channels: int, spatial_dims: int) -> None:
+    With ``deep_supervision``, ``deep_heads[i]`` is a 1x1 head on the output of decoder level
+    ``deep_supervision_levels(len(widths))[i]`` (created after ``head``, so the other parameters are
+    initialised as without them).
+    """
+
+    def __init__(
+        self, widths: Sequence[int], out_channels: int, spatial_dims: int, deep_supervision: bool = False
+    ) -> None:
         super().__init__()
         levels = len(widths)
         self.upsample = nn.ModuleList(
@@ -101,13 +142,24 @@ class UNetDecoder(nn.Module):
         )
         self.stages = nn.ModuleList(Stage(spatial_dims, 2 * widths[i], widths[i]) for i in range(levels - 1))
         self.head = conv(spatial_dims, widths[0], out_channels)
+        self.deep_levels = deep_supervision_levels(levels) if deep_supervision else ()
+        self.deep_heads = nn.ModuleList(conv(spatial_dims, widths[i], out_channels) for i in self.deep_levels)
         self.checkpoint_activations = False  # recompute each level in backward (see maybe_checkpoint)
 
     def forward(self, skips: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.decode(skips)[0]
+
+    def decode(
+        self, skips: Sequence[torch.Tensor], deep: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The main logits and, when ``deep``, the auxiliary heads' logits (finest scale first)."""
         x = skips[-1]
+        deep_logits = {}
         for level in reversed(range(len(skips) - 1)):
             x = maybe_checkpoint(self._level, x, skips[level], level, enabled=self.checkpoint_activations)
-        return self.head(x)
+            if deep and level in self.deep_levels:
+                deep_logits[level] = self.deep_heads[self.deep_levels.index(level)](x)
+        return self.head(x), [deep_logits[level] for level in self.deep_levels if level in deep_logits]
 
     def _level(self, x: torch.Tensor, skip: torch.Tensor, level: int) -> torch.Tensor:
         return self.stages[level](torch.cat([self.upsample[level](x), skip], dim=1))
@@ -117,13 +169,18 @@ class UNet(nn.Module):
     """Encoder + decoder; input sizes must be divisible by ``2 ** (len(widths) - 1)``."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, widths: Sequence[int], spatial_dims: int = 3
+        self,
+        in_channels: int,
+        out_channels: int,
+        widths: Sequence[int],
+        spatial_dims: int = 3,
+        deep_supervision: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in _CONV:
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         self.encoder = UNetEncoder(in_channels, widths, spatial_dims)
-        self.decoder = UNetDecoder(widths, out_channels, spatial_dims)
+        self.decoder = UNetDecoder(widths, out_channels, spatial_dims, deep_supervision)
 
     @property
     def checkpoint_activations(self) -> bool:
@@ -136,3 +193,7 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))
+
+    def decode(self, x: torch.Tensor, deep: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Main logits and, when ``deep``, the auxiliary heads' logits (see :meth:`UNetDecoder.decode`)."""
+        return self.decoder.decode(self.encoder(x), deep)

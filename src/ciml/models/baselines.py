@@ -66,16 +66,27 @@ class StackedModalityNet(SegmentationNetwork):
         if present is not None and set(present) != set(self.modalities):
             x = x.clone()
             x[:, [i for i, m in enumerate(self.modalities) if m not in set(present)]] = 0.0  # as in training
-        logits = self.network(x)
+        logits, deep = self._logits(x)
         return SegmentationOutput(
             logits={self.segmentor_name: logits},
             owned={self.segmentor_name: self.regions},
             kl=x.new_zeros((), dtype=torch.float32),
+            deep_logits={self.segmentor_name: deep} if deep else {},
         )
+
+    def _logits(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The network's logits and its deep-supervision logits (none unless a subclass has them)."""
+        return self.network(x), []
 
 
 class JointUNet(StackedModalityNet):
-    """One U-Net on all modalities stacked as channels, all regions."""
+    """One U-Net on all modalities stacked as channels, all regions.
+
+    With ``deep_supervision`` its decoder has auxiliary heads (see
+    :func:`~ciml.models.backbone.deep_supervision_levels`), whose logits training mode returns.
+    """
+
+    supports_deep_supervision = True
 
     def __init__(
         self,
@@ -84,10 +95,24 @@ class JointUNet(StackedModalityNet):
         widths: Sequence[int],
         spatial_dims: int,
         zero_fill_missing: bool = False,
+        deep_supervision: bool = False,
         **interface: object,
     ):
-        network = UNet(len(modalities), len(regions), widths, spatial_dims)
-        super().__init__(network, modalities, regions, 2 ** (len(widths) - 1), zero_fill_missing, **interface)
+        network = UNet(len(modalities), len(regions), widths, spatial_dims, deep_supervision)
+        super().__init__(
+            network,
+            modalities,
+            regions,
+            2 ** (len(widths) - 1),
+            zero_fill_missing,
+            deep_supervision=deep_supervision,
+            **interface,
+        )
+
+    def _logits(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self.deep_supervision and self.training:
+            return self.network.decode(x, deep=True)
+        return self.network(x), []
 
     @property
     def checkpoint_activations(self) -> bool:
@@ -100,7 +125,11 @@ class JointUNet(StackedModalityNet):
 
 
 class SegResNetPeer(StackedModalityNet):
-    """MONAI's SegResNet (BraTS tutorial configuration, scaled by ``init_filters``) as an external peer."""
+    """MONAI's SegResNet (BraTS tutorial configuration, scaled by ``init_filters``) as an external peer.
+
+    No deep supervision (``supports_deep_supervision`` is False): MONAI's SegResNet returns only its
+    full-resolution output (its deep-supervised variant is a different network, SegResNetDS).
+    """
 
     segmentor_name = "segresnet"
 
@@ -111,6 +140,7 @@ class SegResNetPeer(StackedModalityNet):
         widths: Sequence[int],
         spatial_dims: int,
         zero_fill_missing: bool = False,
+        deep_supervision: bool = False,
         **interface: object,
     ):
         levels = len(widths)
@@ -123,4 +153,12 @@ class SegResNetPeer(StackedModalityNet):
             blocks_up=(1,) * (levels - 1),
             norm=("GROUP", {"num_groups": min(8, widths[0])}),
         )
-        super().__init__(network, modalities, regions, 2 ** (levels - 1), zero_fill_missing, **interface)
+        super().__init__(  # deep_supervision=True is refused by the interface (not supported)
+            network,
+            modalities,
+            regions,
+            2 ** (levels - 1),
+            zero_fill_missing,
+            deep_supervision=deep_supervision,
+            **interface,
+        )

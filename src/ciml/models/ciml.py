@@ -24,7 +24,7 @@ from torch import nn
 from ciml.errors import CimlError
 from ciml.models.backbone import UNetDecoder, UNetEncoder
 from ciml.models.gate import InformationGate, grouped_gates
-from ciml.models.grouped import grouped_decoder, grouped_encoder
+from ciml.models.grouped import grouped_decode, grouped_encoder
 from ciml.models.interface import MissingModalities, SegmentationNetwork
 from ciml.models.output import SegmentationOutput
 
@@ -53,6 +53,9 @@ class CIMLNet(SegmentationNetwork):
             (capped at the level's width). Default: the features' own width (the original gate).
         recompute_gates: in the grouped form, recompute the gates' per-voxel tensors in backward
             instead of keeping them (same values and gradients; see :func:`grouped_gates`).
+        deep_supervision: every decoder gets auxiliary heads (owned + fallback channels) at its coarser
+            scales (:func:`~ciml.models.backbone.deep_supervision_levels`); in training mode their
+            logits go to ``deep_logits`` / ``deep_fallback_logits``. Eval outputs are unchanged.
         config, fixed_beta: see :class:`~ciml.models.interface.SegmentationNetwork`.
 
     Example:
@@ -75,8 +78,9 @@ class CIMLNet(SegmentationNetwork):
         recompute_gates: bool = True,
         config: Mapping[str, object] | None = None,
         fixed_beta: float | None = None,
+        deep_supervision: bool = False,
     ) -> None:
-        super().__init__(modalities, config, fixed_beta)
+        super().__init__(modalities, config, fixed_beta, deep_supervision)
         self.grouped = grouped
         self.recompute_gates = recompute_gates
         self.owned = {m: tuple(decomposition.get(m, ())) for m in self.modalities}
@@ -96,7 +100,9 @@ class CIMLNet(SegmentationNetwork):
         self.encoders = nn.ModuleDict({m: UNetEncoder(1, self.widths, spatial_dims) for m in self.modalities})
         self.decoders = nn.ModuleDict(
             {
-                m: UNetDecoder(self.widths, len(self.owned[m]) + len(self.fallback[m]), spatial_dims)
+                m: UNetDecoder(
+                    self.widths, len(self.owned[m]) + len(self.fallback[m]), spatial_dims, deep_supervision
+                )
                 for m in self.modalities
                 if self.owned[m] or self.fallback[m]
             }
@@ -115,6 +121,7 @@ class CIMLNet(SegmentationNetwork):
         )
 
     missing_modalities = MissingModalities.SKIP_SEGMENTOR
+    supports_deep_supervision = True
 
     @property
     def owners(self) -> dict[str, tuple[str, ...]]:
@@ -203,7 +210,7 @@ class CIMLNet(SegmentationNetwork):
                 skips[level] = skips[level] + self._messages(
                     level, receiver, features, close_gates, return_maps, output
                 )
-            self._record(receiver, self.decoders[receiver](skips), output)
+            self._record(receiver, *self.decoders[receiver].decode(skips, self._deep), output)
 
     def _forward_grouped(
         self,
@@ -227,9 +234,9 @@ class CIMLNet(SegmentationNetwork):
             skips[level] = skips[level] + self._grouped_messages(
                 level, present, receivers, skips[level], features[level], close_gates, return_maps, output
             )
-        logits = grouped_decoder(skips, [self.decoders[m] for m in receivers])
-        for receiver, receiver_logits in zip(receivers, logits, strict=True):
-            self._record(receiver, receiver_logits, output)
+        logits, deep = grouped_decode(skips, [self.decoders[m] for m in receivers], self._deep)
+        for receiver, receiver_logits, receiver_deep in zip(receivers, logits, deep, strict=True):
+            self._record(receiver, receiver_logits, receiver_deep, output)
 
     def _grouped_messages(
         self,
@@ -277,15 +284,31 @@ class CIMLNet(SegmentationNetwork):
             dim=1,
         )
 
-    def _record(self, segmentor: str, logits: torch.Tensor, output: SegmentationOutput) -> None:
-        """Split a decoder's channels into owned logits and fallback logits (kept apart, never mixed)."""
+    @property
+    def _deep(self) -> bool:
+        """Whether this forward pass computes the deep-supervision logits (training mode only)."""
+        return self.deep_supervision and self.training
+
+    def _record(
+        self,
+        segmentor: str,
+        logits: torch.Tensor,
+        deep: list[torch.Tensor],
+        output: SegmentationOutput,
+    ) -> None:
+        """Split a decoder's channels into owned logits and fallback logits (kept apart, never mixed);
+        the same for its deep-supervision logits, when there are any."""
         owned = len(self.owned[segmentor])
         if owned:
             output.logits[segmentor] = logits[:, :owned]
             output.owned[segmentor] = self.owned[segmentor]
+            if deep:
+                output.deep_logits[segmentor] = [d[:, :owned] for d in deep]
         if self.fallback[segmentor]:
             output.fallback_logits[segmentor] = logits[:, owned:]
             output.fallback[segmentor] = self.fallback[segmentor]
+            if deep:
+                output.deep_fallback_logits[segmentor] = [d[:, owned:] for d in deep]
 
     def _messages(
         self,

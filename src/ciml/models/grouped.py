@@ -127,8 +127,21 @@ def grouped_decoder(skips: Sequence[torch.Tensor], decoders: Sequence[UNetDecode
 
     The 1x1 heads may differ in output channels (owned + fallback regions), so they run per decoder.
     """
+    return grouped_decode(skips, decoders)[0]
+
+
+def grouped_decode(
+    skips: Sequence[torch.Tensor], decoders: Sequence[UNetDecoder], deep: bool = False
+) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    """:func:`grouped_decoder`, plus each decoder's deep-supervision logits when ``deep``.
+
+    The grouped counterpart of :meth:`UNetDecoder.decode`: per decoder, the main logits and the
+    auxiliary heads' logits (finest scale first; empty lists without ``deep`` or without heads).
+    """
     groups = len(decoders)
     x = skips[-1]
+    deep_levels = decoders[0].deep_levels if deep else ()
+    deep_logits: list[dict[int, torch.Tensor]] = [{} for _ in decoders]
 
     def decoder_level(x: torch.Tensor, skip: torch.Tensor, level: int) -> torch.Tensor:
         x = grouped_transposed_conv(x, [d.upsample[level] for d in decoders])
@@ -138,6 +151,11 @@ def grouped_decoder(skips: Sequence[torch.Tensor], decoders: Sequence[UNetDecode
         x = maybe_checkpoint(
             decoder_level, x, skips[level], level, enabled=decoders[0].checkpoint_activations
         )
-    return [
+        if level in deep_levels:
+            head = deep_levels.index(level)
+            for out, decoder, features in zip(deep_logits, decoders, x.chunk(groups, dim=1), strict=True):
+                out[level] = decoder.deep_heads[head](features)
+    logits = [
         decoder.head(features) for decoder, features in zip(decoders, x.chunk(groups, dim=1), strict=True)
     ]
+    return logits, [[out[level] for level in deep_levels] for out in deep_logits]

@@ -44,20 +44,36 @@ class SegmentationNetwork(nn.Module):
         config: what rebuilds the network (:func:`ciml.models.model_from_config`); set by the registry.
         fixed_beta: the bottleneck weight its loss always uses whatever is requested (ciml-beta0: 0),
             or None to use the requested one.
+        deep_supervision: train with auxiliary heads at coarser decoder scales (nnU-Net's deep
+            supervision); refused by networks whose ``supports_deep_supervision`` is False.
+
+    Raises:
+        ParameterError: ``deep_supervision`` asked of a network that does not support it.
     """
 
     missing_modalities: MissingModalities = MissingModalities.UNSUPPORTED
+    #: Whether the network can be built with deep supervision (auxiliary heads on its decoder scales,
+    #: their logits in ``SegmentationOutput.deep_logits`` in training mode).
+    supports_deep_supervision: bool = False
 
     def __init__(
         self,
         modalities: Iterable[str],
         config: Mapping[str, Any] | None = None,
         fixed_beta: float | None = None,
+        deep_supervision: bool = False,
     ) -> None:
         super().__init__()
         self.modalities = tuple(modalities)
         self._config = dict(config) if config is not None else None
         self.fixed_beta = fixed_beta
+        if deep_supervision and not self.supports_deep_supervision:
+            raise ParameterError(
+                "deep_supervision",
+                f"not supported by the {self.name} model (it has no per-scale decoder outputs to "
+                "supervise); leave {deep_supervision} off, or use joint or a CIML model",
+            )
+        self.deep_supervision = bool(deep_supervision)
 
     # ------------------------------------------------------------------------------ declared by networks
     @property
@@ -175,4 +191,5 @@ class SegmentationNetwork(nn.Module):
             "missing_modalities": self.missing_modalities.value,
             "size_divisor": self.size_divisor,
             "fixed_beta": self.fixed_beta,
+            "deep_supervision": self.deep_supervision,
         }

@@ -1,4 +1,5 @@
-"""What every network returns: region logits per segmentor, plus the gates' information when asked."""
+"""What every network returns: region logits per segmentor, plus the gates' information when asked
+(and, in training, deep-supervision logits)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ class SegmentationOutput:
             stands in for (the spec's ``fallback_owners``); kept apart from ``logits`` so that ``owned``
             keeps meaning "regions it owns".
         fallback: segmentor name -> region names of its ``fallback_logits`` channels, in order.
+        deep_logits: segmentor name -> auxiliary deep-supervision logits of its owned regions, one
+            tensor [B, len(owned[name]), *spatial / 2^i] per scale i = 1, 2, ... (finest first). Only in
+            training mode of a network built with deep supervision; empty otherwise, and never part of
+            predictions (those come from ``logits`` alone).
+        deep_fallback_logits: the same for its fallback channels (``fallback[name]``).
     """
 
     logits: dict[str, torch.Tensor]
@@ -34,6 +40,8 @@ class SegmentationOutput:
     attention_maps: dict[str, torch.Tensor] = field(default_factory=dict)
     fallback_logits: dict[str, torch.Tensor] = field(default_factory=dict)
     fallback: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    deep_logits: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    deep_fallback_logits: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     def predictable_regions(self, region_names: Sequence[str]) -> list[str]:
         """Regions that at least one segmentor in this output predicts, as owner or as fallback."""

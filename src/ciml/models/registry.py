@@ -6,7 +6,7 @@ Example:
     >>> sorted(model.config)
     ['format_version', 'message_channels', 'message_levels', 'name', 'spatial_dims', 'task', 'widths']
     >>> model.owners["TC"]
-    ('t1', 't2', 't1ce')
+    ('t1', 't1ce', 't2')
 """
 
 from __future__ import annotations
@@ -151,6 +151,7 @@ def build_model(
     message_levels: Sequence[int] | None = None,
     zero_fill_missing: bool = False,
     message_channels: int | Sequence[int] | None = None,
+    deep_supervision: bool = False,
 ) -> SegmentationNetwork:
     """Build a named network for ``task``.
 
@@ -160,10 +161,14 @@ def build_model(
     zeroed, for models trained with modality dropout; CIML-family networks skip a missing modality's
     segmentor anyway and ignore it. ``message_channels``: channels of the gates' value and latent z, one
     for all levels or one per level (capped at each level's width; default: the width itself); ignored
-    by networks without gates.
+    by networks without gates. ``deep_supervision``: auxiliary decoder heads at the coarser scales for
+    nnU-Net's weighted multi-scale loss (training only; networks without ``supports_deep_supervision``,
+    such as segresnet, refuse it); recorded in the config only when on, so older configs rebuild
+    without it.
 
     Raises:
-        CimlError: unknown model name or invalid settings.
+        CimlError: unknown model name or invalid settings (a ParameterError for ``deep_supervision``
+            on a network that does not support it).
     """
     if name not in MODELS:
         raise CimlError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
@@ -189,6 +194,9 @@ def build_model(
     if zero_fill_missing and entry.zero_fill:
         config["zero_fill_missing"] = True  # absent from older configs: they refuse missing inputs
         options["zero_fill_missing"] = True
+    if deep_supervision:
+        config["deep_supervision"] = True  # absent from older configs: no auxiliary heads
+        options["deep_supervision"] = True
     try:
         return entry.build(
             spec,
@@ -226,6 +234,7 @@ def model_from_config(config: dict[str, Any]) -> SegmentationNetwork:
         config.get("message_levels"),
         zero_fill_missing=bool(config.get("zero_fill_missing", False)),
         message_channels=config.get("message_channels"),
+        deep_supervision=bool(config.get("deep_supervision", False)),
     )
 
 

@@ -59,10 +59,11 @@ class TrainSettings:
     task spec's ``training.augmentation``, else the default) and ``augment_probability`` overrides
     probabilities of selected transforms, as (name, p) pairs (:mod:`ciml.data.augmentation`).
     ``workers`` is the number of background loader processes (0: batches are made in the training
-    process; None: :func:`~ciml.training.loading.default_workers`).
-    ``gpu_memory`` is the device memory in GiB to plan widths, patch and batch for (None: the CUDA
-    device's total memory; on a CPU no planning). ``plan`` is set by :func:`resolve_settings` when it
-    planned (:mod:`ciml.training.planning`), never by the caller.
+    process; None: :func:`~ciml.training.loading.default_workers`). ``deep_supervision`` trains with
+    nnU-Net's weighted multi-scale loss (auxiliary decoder heads; off by default, refused by models
+    without it, e.g. segresnet). ``gpu_memory`` is the device memory in GiB to plan widths, patch and
+    batch for (None: the CUDA device's total memory; on a CPU no planning). ``plan`` is set by
+    :func:`resolve_settings` when it planned (:mod:`ciml.training.planning`), never by the caller.
     """
 
     task: str | None
@@ -95,6 +96,7 @@ class TrainSettings:
     amp: bool = TrainConfig.amp
     compile: bool = TrainConfig.compile
     checkpoint_activations: bool = False
+    deep_supervision: bool = False
     resume: bool = False
     tensorboard: bool = False
     progress: bool = True
@@ -434,6 +436,7 @@ def _train_checked(
         widths=settings.widths,
         spatial_dims=3,
         zero_fill_missing=settings.modality_dropout > 0,
+        deep_supervision=settings.deep_supervision,
     )
     if settings.checkpoint_activations:
         model.checkpoint_activations = True  # networks that cannot recompute their stages refuse it
