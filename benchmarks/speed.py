@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -42,9 +41,6 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import DynUNet
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ciml import files
 from ciml.errors import CimlError
@@ -52,6 +48,7 @@ from ciml.inferers import SIGMA_SCALE, sliding_window_probabilities
 from ciml.losses import CIMLLoss
 from ciml.models import SegmentationOutput, build_model
 from ciml.tasks import TaskSpec, load_task
+from ciml.training.memory import LiveTensorBytes
 from ciml.training.planning import NNUNET_WIDTHS, forward_flops
 from ciml.training.planning import match_widths as match_ciml_widths
 
@@ -253,48 +250,6 @@ def timed(fn: Callable[[], object], device: str) -> float:
     start_s = time.perf_counter()
     fn()
     return time.perf_counter() - start_s
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Counts the bytes of tensor storages alive while the mode is on, and their peak.
-
-    The CPU allocator keeps no peak counter like CUDA's, and the resident set is blurred by malloc's
-    caching; this counts what ``torch.cuda.max_memory_allocated`` would, at op granularity (the same
-    figures as torch.distributed._tools.mem_tracker.MemTracker, at a fraction of its cost).
-
-    Args:
-        existing: tensors alive before the block that count towards the peak (weights, optimiser state).
-    """
-
-    def __init__(self, existing: Sequence[torch.Tensor]) -> None:
-        super().__init__()
-        self._tracked: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self.live = 0
-        for tensor in existing:
-            self._track(tensor)
-        self.peak = self.live
-
-    def _track(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        if storage in self._tracked:
-            return
-        nbytes = storage.nbytes()
-        self._tracked[storage] = nbytes
-        self.live += nbytes
-        weakref.finalize(storage, self._free, nbytes)
-
-    def _free(self, nbytes: int) -> None:
-        self.live -= nbytes
-
-    def __torch_dispatch__(
-        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
-    ) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor):
-                self._track(leaf)
-        self.peak = max(self.peak, self.live)
-        return out
 
 
 def training_peak_mb(

@@ -52,77 +52,48 @@ def _fallback_by_modality(spec: TaskSpec) -> dict[str, tuple[str, ...]]:
     return {m: tuple(regions) for m, regions in out.items()}
 
 
-def _ciml(
-    spec: TaskSpec,
-    widths: Sequence[int],
-    spatial_dims: int,
-    message_levels=None,
-    message_channels=None,
-    **interface: Any,
-) -> SegmentationNetwork:
+@dataclass(frozen=True)
+class _Architecture:
+    """What every builder needs: the task and the backbone's shape."""
+
+    spec: TaskSpec
+    widths: tuple[int, ...]
+    spatial_dims: int
+    message_levels: Sequence[int] | None = None
+    message_channels: int | Sequence[int] | None = None
+
+
+def _ciml(a: _Architecture, **interface: Any) -> SegmentationNetwork:
     return CIMLNet(
-        spec.modality_names,
-        spec.decomposition,
-        widths,
-        spatial_dims,
-        message_levels,
-        fallback=_fallback_by_modality(spec),
-        message_channels=message_channels,
+        a.spec.modality_names,
+        a.spec.decomposition,
+        a.widths,
+        a.spatial_dims,
+        a.message_levels,
+        fallback=_fallback_by_modality(a.spec),
+        message_channels=a.message_channels,
         **interface,
     )
 
 
-def _ciml_nomsg(
-    spec: TaskSpec,
-    widths: Sequence[int],
-    spatial_dims: int,
-    message_levels=None,
-    message_channels=None,
-    **interface: Any,
-) -> SegmentationNetwork:
+def _ciml_nomsg(a: _Architecture, **interface: Any) -> SegmentationNetwork:
+    fallback = _fallback_by_modality(a.spec)
     return CIMLNet(
-        spec.modality_names,
-        spec.decomposition,
-        widths,
-        spatial_dims,
-        message_levels=(),
-        fallback=_fallback_by_modality(spec),
-        **interface,
+        a.spec.modality_names, a.spec.decomposition, a.widths, a.spatial_dims, (), fallback, **interface
     )
 
 
-def _ensemble(
-    spec: TaskSpec,
-    widths: Sequence[int],
-    spatial_dims: int,
-    message_levels=None,
-    message_channels=None,
-    **interface: Any,
-) -> SegmentationNetwork:
-    every_region = {m: spec.region_names for m in spec.modality_names}
-    return CIMLNet(spec.modality_names, every_region, widths, spatial_dims, message_levels=(), **interface)
+def _ensemble(a: _Architecture, **interface: Any) -> SegmentationNetwork:
+    every_region = {m: a.spec.region_names for m in a.spec.modality_names}
+    return CIMLNet(a.spec.modality_names, every_region, a.widths, a.spatial_dims, (), **interface)
 
 
-def _joint(
-    spec: TaskSpec,
-    widths: Sequence[int],
-    spatial_dims: int,
-    message_levels=None,
-    message_channels=None,
-    **interface: Any,
-) -> SegmentationNetwork:
-    return JointUNet(spec.modality_names, spec.region_names, widths, spatial_dims, **interface)
+def _joint(a: _Architecture, **interface: Any) -> SegmentationNetwork:
+    return JointUNet(a.spec.modality_names, a.spec.region_names, a.widths, a.spatial_dims, **interface)
 
 
-def _segresnet(
-    spec: TaskSpec,
-    widths: Sequence[int],
-    spatial_dims: int,
-    message_levels=None,
-    message_channels=None,
-    **interface: Any,
-) -> SegmentationNetwork:
-    return SegResNetPeer(spec.modality_names, spec.region_names, widths, spatial_dims, **interface)
+def _segresnet(a: _Architecture, **interface: Any) -> SegmentationNetwork:
+    return SegResNetPeer(a.spec.modality_names, a.spec.region_names, a.widths, a.spatial_dims, **interface)
 
 
 MODELS: dict[str, ModelEntry] = {
@@ -198,16 +169,8 @@ def build_model(
         config["deep_supervision"] = True  # absent from older configs: no auxiliary heads
         options["deep_supervision"] = True
     try:
-        return entry.build(
-            spec,
-            widths,
-            spatial_dims,
-            message_levels,
-            message_channels,
-            config=config,
-            fixed_beta=entry.fixed_beta,
-            **options,
-        )
+        architecture = _Architecture(spec, widths, spatial_dims, message_levels, message_channels)
+        return entry.build(architecture, config=config, fixed_beta=entry.fixed_beta, **options)
     except ValueError as error:
         raise CimlError(str(error)) from error
 

@@ -8,7 +8,6 @@ from typing import Any
 import jinja2
 
 from ciml.files import refuse_existing, write_text_atomic
-from ciml.inference import InferenceSettings
 from ciml.report.sections import report_page
 from ciml.report.template import CSS, TEMPLATE
 from ciml.runs import RunFolder
@@ -20,50 +19,13 @@ def render(page: dict[str, Any]) -> str:
     return environment.from_string(TEMPLATE).render(css=CSS, **page)
 
 
-def build_report(
-    run: RunFolder | str | Path,
-    *,
-    pred_dir: str | Path | None = None,
-    ref_dir: str | Path | None = None,
-    explanations: str | Path | None = None,
-    robustness: str | Path | None = None,
-    explain_cases: int = 1,
-    max_cases: int = 3,
-    layout: str = "auto",
-    settings: InferenceSettings | None = None,
-    progress: bool = False,
-) -> str:
-    """The report's HTML text; see :func:`write_report` for the arguments."""
-    return render(
-        report_page(
-            run,
-            pred_dir=pred_dir,
-            ref_dir=ref_dir,
-            explanations=explanations,
-            robustness=robustness,
-            explain_cases=explain_cases,
-            max_cases=max_cases,
-            layout=layout,
-            settings=settings,
-            progress=progress,
-        )  # fmt: skip
-    )
+def build_report(run: RunFolder | str | Path, **options: Any) -> str:
+    """The report's HTML text; ``options`` are :func:`write_report`'s (those of :func:`report_page`)."""
+    return render(report_page(run, **options))
 
 
 def write_report(
-    run: RunFolder | str | Path,
-    out: str | Path,
-    *,
-    pred_dir: str | Path | None = None,
-    ref_dir: str | Path | None = None,
-    explanations: str | Path | None = None,
-    robustness: str | Path | None = None,
-    explain_cases: int = 1,
-    max_cases: int = 3,
-    layout: str = "auto",
-    settings: InferenceSettings | None = None,
-    overwrite: bool = False,
-    progress: bool = False,
+    run: RunFolder | str | Path, out: str | Path, *, overwrite: bool = False, **options: Any
 ) -> Path:
     """Write the run's report to ``out`` (one HTML file, atomically) and return its path.
 
@@ -80,14 +42,13 @@ def write_report(
         settings: the network explained on the spot (the first of its folds), as for prediction.
         progress: progress bar of the evaluation.
 
+    ``options`` are pred_dir, ref_dir, explanations, robustness, explain_cases, max_cases, layout,
+    settings and progress (see :func:`~ciml.report.sections.report_page`).
+
     Raises:
         CimlError: ``out`` exists (without ``overwrite``), an unreadable run, or unusable inputs.
     """
     out = Path(out)
     refuse_existing([out], overwrite)
-    html = build_report(
-        run, pred_dir=pred_dir, ref_dir=ref_dir, explanations=explanations, robustness=robustness,
-        explain_cases=explain_cases, max_cases=max_cases, layout=layout, settings=settings,
-        progress=progress,
-    )  # fmt: skip
+    html = build_report(run, **options)
     return write_text_atomic(out, html)
