@@ -1,5 +1,12 @@
-"""Inferers: Gaussian-weighted sliding-window prediction and mirroring TTA over any network."""
+"""Inferers: Gaussian-weighted sliding-window prediction, mirroring TTA, and postprocessing of the masks."""
 
+from ciml.inferers.postprocessing import (
+    Postprocessing,
+    RegionRule,
+    enforce_nesting,
+    largest_component,
+    nesting,
+)
 from ciml.inferers.sliding import (
     DEFAULT_STEP,
     SIGMA_SCALE,
@@ -12,8 +19,13 @@ from ciml.inferers.sliding import (
 __all__ = [
     "DEFAULT_STEP",
     "SIGMA_SCALE",
+    "Postprocessing",
+    "RegionRule",
     "check_step",
+    "enforce_nesting",
+    "largest_component",
     "mirror_axes_combinations",
     "mirrored_average",
+    "nesting",
     "sliding_window_probabilities",
 ]
