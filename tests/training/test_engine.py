@@ -16,6 +16,7 @@ import torch
 from ciml.cli import main
 from ciml.data.augmentation import DEFAULT_AUGMENTATIONS
 from ciml.errors import CimlError
+from ciml.inferers import Postprocessing
 from ciml.locks import folder_lock
 from ciml.runs import load_checkpoint, save_checkpoint
 from ciml.runs.log import read_log
@@ -101,6 +102,13 @@ def test_training_writes_the_run_folder_logs_and_plot(dataset, tmp_path) -> None
     assert log[-1]["event"] == "end"
     state = load_checkpoint(fold / "checkpoint_last.pt")
     assert state["iteration"] == 4 and state["config"] == info["model"]
+    # postprocessing chosen on the final validation's own masks (no second pass: the same Dice)
+    chosen = json.loads((fold / "postprocessing.json").read_text(encoding="utf-8"))
+    assert chosen["validation_cases"] == 1 and chosen["iteration"] == 4 and chosen["checkpoint"] == "last"
+    for region in ("WT", "TC", "ET"):
+        assert chosen["dice_without"][region] == pytest.approx(steps[-1][f"val/dice/{region}"])
+    assert len(chosen["trials"]) == 3 * 6  # per region: largest component, then 5 volumes
+    assert Postprocessing.from_dict(chosen["rule"]).spacing == tuple(info["preprocessing"]["target_spacing"])
 
 
 def test_unknown_augmentations_are_refused_with_the_valid_names(dataset, tmp_path, capsys) -> None:
@@ -124,6 +132,24 @@ def test_refuses_to_overwrite_a_fold_and_resume_needs_a_checkpoint(dataset, tmp_
     assert "--resume" in capsys.readouterr().err
     assert main(_train(dataset, out, "--iterations", "1", "--fold", "1", "--resume")) == 1
     assert "no checkpoint to resume from" in capsys.readouterr().err
+
+
+def test_postprocessing_without_validation_cases_and_after_resuming_a_finished_fold(
+    dataset, tmp_path
+) -> None:
+    out = tmp_path / "run"
+    assert main(_train(dataset, out, "--iterations", "1", "--max-validation-cases", "0")) == 0
+    record = json.loads((out / "fold_0" / "postprocessing.json").read_text(encoding="utf-8"))
+    assert record["note"] == "no validation cases: nothing applied" and record["rule"]["regions"] == {}
+
+    path = out / "fold_1" / "postprocessing.json"
+    assert main(_train(dataset, out, "--iterations", "1", "--fold", "1")) == 0
+    written = path.read_text(encoding="utf-8")
+    assert main(_train(dataset, out, "--iterations", "1", "--fold", "1", "--resume")) == 0
+    assert path.read_text(encoding="utf-8") == written  # nothing trained, nothing chosen again
+    path.unlink()  # a fold finished before postprocessing was chosen: validated once more
+    assert main(_train(dataset, out, "--iterations", "1", "--fold", "1", "--resume")) == 0
+    assert json.loads(path.read_text(encoding="utf-8"))["dice_without"] == json.loads(written)["dice_without"]
 
 
 def test_a_fold_being_trained_is_locked(dataset, tmp_path, capsys) -> None:

@@ -192,4 +192,7 @@ def run(args: argparse.Namespace) -> int:
     with channel_flags():
         run_folder = train(settings_from_args(args))
     print(f"trained fold {args.fold}: {run_folder.fold_dir(args.fold)}")
+    rule = run_folder.read_postprocessing(args.fold)
+    if rule is not None:
+        print(f"postprocessing chosen on its validation cases: {rule.describe()}")
     return 0

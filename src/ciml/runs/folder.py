@@ -7,6 +7,7 @@ Layout (like nnU-Net's results folder, one run for all folds)::
       splits_final.json    5-fold patient-level split, editable before training a fold
       fold_K/
         checkpoint_last.pt checkpoint_best.pt log.jsonl progress.png
+        postprocessing.json  the rule chosen on the fold's validation cases and the comparison behind it
 
 Example:
     >>> run = RunFolder("runs/brats")          # doctest: +SKIP
@@ -23,12 +24,14 @@ import torch
 
 from ciml.errors import CimlError
 from ciml.files import write_json_atomic
+from ciml.inferers import Postprocessing
 from ciml.models import SegmentationNetwork, check_state_dict, model_from_config
 from ciml.runs import load_checkpoint
 from ciml.tasks import TaskSpec
 
 RUN_FILE = "run.json"
 SPLITS_FILE = "splits_final.json"
+POSTPROCESSING_FILE = "postprocessing.json"
 CHECKPOINTS = ("last", "best")
 
 
@@ -53,6 +56,26 @@ class RunFolder:
         if which not in CHECKPOINTS:
             raise CimlError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}, got {which!r}")
         return self.fold_dir(fold) / f"checkpoint_{which}.pt"
+
+    def postprocessing_path(self, fold: int) -> Path:
+        return self.fold_dir(fold) / POSTPROCESSING_FILE
+
+    def read_postprocessing(self, fold: int) -> Postprocessing | None:
+        """The postprocessing chosen on the fold's validation cases; None for a fold trained without one.
+
+        Raises:
+            CimlError: the file is not valid JSON or its rule is malformed (named with the key).
+        """
+        path = self.postprocessing_path(fold)
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CimlError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict) or "rule" not in data:
+            raise CimlError(f"{path}: missing 'rule'")
+        return Postprocessing.from_dict(data["rule"], source=f"{path}: rule")
 
     def folds(self) -> list[int]:
         """Folds that have at least a last checkpoint."""

@@ -2,8 +2,10 @@
 
 `train(settings)` is what `ciml train` runs. It writes a run folder (:mod:`ciml.runs.folder`) with a
 5-fold patient-level split, the preprocessing plan, and per fold the last and best checkpoints, a
-JSONL log of every loss term and validation, and ``progress.png``. Runs resume exactly (`resume=True`)
-and scale over GPUs or nodes with PyTorch DDP launched by ``torchrun``.
+JSONL log of every loss term and validation, ``progress.png``, and ``postprocessing.json``: the
+postprocessing chosen on the final validation's masks with the comparison behind it
+(:mod:`ciml.training.postprocessing`; prediction applies it). Runs resume exactly (`resume=True`) and
+scale over GPUs or nodes with PyTorch DDP launched by ``torchrun``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from ciml.training.loading import BackgroundBatches, default_workers
 from ciml.training.loop import Batch, StepCallback, TrainConfig, Trainer
 from ciml.training.memory import GIB
 from ciml.training.planning import TrainingPlan, plan_training
+from ciml.training.postprocessing import ValidationMasks, choose_postprocessing
 
 CPU_DEFAULTS = {"patch_size": (64, 64, 64), "batch_size": 2, "widths": (16, 32, 64, 128)}
 GPU_DEFAULTS = {"patch_size": (128, 128, 128), "batch_size": 2, "widths": (32, 64, 128, 256, 320)}
@@ -223,10 +226,17 @@ def validation_dice(
     spec: TaskSpec,
     patch_size: Sequence[int],
     device: torch.device,
+    keep: list[ValidationMasks] | None = None,
 ) -> dict[str, float]:
-    """Mean Dice per region over whole validation cases with Gaussian sliding-window inference."""
+    """Mean Dice per region over whole validation cases with Gaussian sliding-window inference.
+
+    ``keep``, when given, is emptied and then holds every case's thresholded and reference masks (cropped):
+    the final validation's are what postprocessing is chosen on, with no second inference pass.
+    """
     regions = spec.region_names
     scores: dict[str, list[float]] = {r: [] for r in regions}
+    if keep is not None:
+        keep.clear()
     for case in cases:
         image = torch.from_numpy(np.array(case.image, dtype=np.float32))[None]
         probabilities = sliding_window_probabilities(model, image, regions, patch_size, device=device)
@@ -234,6 +244,8 @@ def validation_dice(
         reference = case.regions(spec).astype(bool)
         for i, region in enumerate(regions):
             scores[region].append(dice(predicted[i], reference[i]))
+        if keep is not None:
+            keep.append(ValidationMasks.cropped(predicted, reference))
     result = {f"dice/{r}": float(np.mean(v)) for r, v in scores.items()}
     result["dice/mean"] = float(np.mean(list(result.values())))
     return result
@@ -473,9 +485,11 @@ def _train_checked(
         pin_memory=device.type == "cuda",
     )
 
+    final: list[ValidationMasks] = []  # the latest validation's masks: the final one once training ends
+
     def validate(network: torch.nn.Module) -> dict[str, float]:
         tile = settings.validation_patch or settings.patch_size
-        return validation_dice(network, val_cases, spec, tile, device) if val_cases else {}
+        return validation_dice(network, val_cases, spec, tile, device, keep=final) if val_cases else {}
 
     trainer = Trainer(model, config, stream, validate if rank == 0 else None, distributed=world > 1)
     fold_dir = run.fold_dir(settings.fold)
@@ -493,12 +507,37 @@ def _train_checked(
         )
         logger.record_rank_checksums(trainer.parameter_checksums())
         logger.plot()
+        if rank == 0:
+            _store_postprocessing(run, settings.fold, trainer, final, len(val_cases), spec, plan)
     finally:
         stream.close()
         logger.close()
     if world > 1:
         dist.barrier()
     return run
+
+
+def _store_postprocessing(
+    run: RunFolder,
+    fold: int,
+    trainer: Trainer,
+    final: list[ValidationMasks],
+    val_cases: int,
+    spec: TaskSpec,
+    plan: PreprocessingPlan,
+) -> None:
+    """Choose the fold's postprocessing on its final validation and write ``fold_K/postprocessing.json``.
+
+    A resumed fold that had already finished ran no validation in this process: its file stays (the
+    weights did not change), or, from before files were written, it is validated once more.
+    """
+    path = run.postprocessing_path(fold)
+    if val_cases and not final:
+        if path.is_file():
+            return
+        trainer.run_validation()  # fills ``final``
+    choice = choose_postprocessing(final, spec, plan.target_spacing)
+    write_json_atomic(path, {**choice.to_dict(), "iteration": trainer.iteration, "checkpoint": "last"})
 
 
 def _load_or_make_plan(run: RunFolder, cases, spec: TaskSpec, settings: TrainSettings) -> PreprocessingPlan:
