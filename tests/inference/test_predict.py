@@ -22,8 +22,9 @@ from ciml.data.cases import Case
 from ciml.data.preprocessing import ModalityNormalization, PreprocessingPlan, plan_preprocessing
 from ciml.errors import CimlError, ParameterError
 from ciml.evaluation.robustness import evaluate_robustness
-from ciml.inference import InferenceSettings, Predictor, predict_cases, writing
-from ciml.inferers import mirror_axes_combinations
+from ciml.inference import InferenceSettings, Predictor, predict_case, predict_cases, writing
+from ciml.inference.predict import run_postprocessing
+from ciml.inferers import Postprocessing, RegionRule, mirror_axes_combinations
 from ciml.models import SegmentationNetwork, SegmentationOutput, build_model
 from ciml.runs import RunFolder, save_checkpoint
 from ciml.tasks import TaskSpec, load_task
@@ -325,6 +326,69 @@ def test_bad_settings_are_refused_with_the_parameter_name_and_the_cli_names_the_
     assert "error: --step: must be in (0, 1]" in capsys.readouterr().err
     assert main([*common, "--modalities", "flair,pd", "--device", "cpu"]) == 1
     assert "error: --modalities: unknown pd" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- postprocessing
+
+
+def test_the_runs_postprocessing_is_applied_on_the_inputs_own_grid_unless_turned_off(tmp_path, spec):
+    cases = write_brats(tmp_path / "data", n_cases=1)
+    plan = plan_preprocessing(cases, spec)
+    tumour = np.zeros(SHAPE, np.uint8)
+    tumour[TUMOUR] = 2  # FlairThreshold's WT: 210 voxels of 4.5 mm^3 (945 mm^3) on the input's grid
+
+    def labels(rule: Postprocessing, name: str, **settings) -> np.ndarray:
+        predictor = Predictor(
+            spec, plan, [FlairThreshold()], PATCH, InferenceSettings(device="cpu", **settings), None, rule
+        )
+        result = predict_case(predictor, cases[0], tmp_path / name, record_modalities=True)
+        return np.asarray(nib.load(result.outputs[0]).dataobj)
+
+    in_voxels = Postprocessing({"WT": RegionRule(min_volume=211)})  # counts as they are: 210 < 211
+    assert not labels(in_voxels, "voxels").any()
+    sidecar = json.loads((tmp_path / "voxels" / "case0_modalities.json").read_text(encoding="utf-8"))
+    assert Postprocessing.from_dict(sidecar["postprocessing"]) == in_voxels
+    in_mm = Postprocessing({"WT": RegionRule(min_volume=211)}, spacing=(1.0, 1.0, 1.0))  # 211 mm^3 < 945
+    np.testing.assert_array_equal(labels(in_mm, "mm"), tumour)
+    np.testing.assert_array_equal(labels(in_voxels, "off", postprocessing=False), tumour)
+    assert "postprocessing" not in json.loads((tmp_path / "off" / "case0_modalities.json").read_text())
+
+
+def test_cli_predict_applies_the_stored_rule_and_no_postprocessing_turns_it_off(tmp_path, spec, capsys):
+    cases = write_brats(tmp_path / "data", n_cases=1)
+    run = make_run(tmp_path / "run", spec, cases)
+    rule = Postprocessing({"WT": RegionRule(min_volume=10**9)})  # removes every tumour
+    ciml.files.write_json_atomic(run.postprocessing_path(0), {"rule": rule.to_dict()})
+    args = ["predict", "--run", str(run.path), "--input", str(tmp_path / "data"), "--device", "cpu"]
+    assert main([*args, "--output", str(tmp_path / "on")]) == 0
+    assert (
+        f"postprocessing (chosen on the run's validation folds): {rule.describe()}" in capsys.readouterr().out
+    )
+    assert not np.asarray(nib.load(tmp_path / "on" / "case0.nii.gz").dataobj).any()
+    assert (
+        main([*args, "--output", str(tmp_path / "off"), "--no-postprocessing", "--save-probabilities"]) == 0
+    )
+    assert "postprocessing" not in capsys.readouterr().out
+    p = np.moveaxis(np.asarray(nib.load(tmp_path / "off" / "case0_probabilities.nii.gz").dataobj), -1, 0)
+    values = np.asarray(nib.load(tmp_path / "off" / "case0.nii.gz").dataobj)
+    np.testing.assert_array_equal(values, spec.regions_to_labels(p > 0.5))
+
+
+def test_folds_that_disagree_apply_the_first_folds_rule_with_a_note(tmp_path, capsys):
+    run = RunFolder(tmp_path / "run")
+    small_et = Postprocessing({"ET": RegionRule(min_volume=8)}, (1.0, 1.0, 1.0))
+    for fold, rule in ((0, small_et), (1, small_et), (2, Postprocessing(spacing=(1.0, 1.0, 1.0)))):
+        ciml.files.write_json_atomic(run.postprocessing_path(fold), {"rule": rule.to_dict()})
+    assert run_postprocessing(run, [0, 1]) == small_et and capsys.readouterr().out == ""
+    assert run_postprocessing(run, [2, 0]).is_identity
+    note = capsys.readouterr().out
+    assert "folds chose different postprocessing (fold 2: none; fold 0: ET: removed under 8" in note
+    assert "applying fold 2's" in note
+    assert run_postprocessing(run, [3]) == Postprocessing()  # a fold from before: none
+    assert run_postprocessing(run, [2, 3]).is_identity and capsys.readouterr().out == ""  # both none
+    run.postprocessing_path(1).write_text('{"rule": {"regions": {"ET": {"min_volume": -1}}}}')
+    with pytest.raises(CimlError, match=r"fold_1/postprocessing.json: rule: 'regions.ET': min_volume"):
+        run_postprocessing(run, [1])
 
 
 # ---------------------------------------------------------------------------------- fallback owners

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from ciml.cli.options import (
@@ -83,7 +84,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "all missing makes it stop with the region's name (no mask is invented). A case folder with "
             "modality files missing stops before the first case, naming the files and the --modalities "
             "every case has; --allow-missing predicts each case from the modalities it has and writes "
-            "<case_id>_modalities.json beside its label map. Existing outputs are "
+            "<case_id>_modalities.json beside its label map. The postprocessing the run chose on its "
+            "validation folds (fold_K/postprocessing.json, e.g. a small ET removed) is applied unless "
+            "--no-postprocessing. Existing outputs are "
             "kept (finished cases are skipped) unless --overwrite; files are written atomically."
         ),
     )
@@ -127,6 +130,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also write <case_id>_probabilities.nii.gz: float32 region probabilities [X, Y, Z, R]",
     )
+    parser.add_argument(
+        "--no-postprocessing",
+        dest="postprocessing",
+        action="store_false",
+        help=(
+            "write the thresholded network output as it is, without the postprocessing the run chose on its "
+            "validation folds (default: apply it; runs without fold_K/postprocessing.json have none)"
+        ),
+    )
     add_overwrite(
         parser, help="replace existing outputs (default: keep them and skip the cases that have them)"
     )
@@ -157,7 +169,7 @@ def parse_files(items: list[str]) -> dict[str, Path]:
 
 def run(args: argparse.Namespace) -> int:
     options = {
-        "settings": settings_from_args(args),
+        "settings": dataclasses.replace(settings_from_args(args), postprocessing=args.postprocessing),
         "modalities": parse_modalities(args.modalities),
         "save_probabilities": args.save_probabilities,
         "overwrite": args.overwrite,

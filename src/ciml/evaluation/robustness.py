@@ -567,7 +567,8 @@ def evaluate_robustness(
         run: the run folder.
         data: labelled cases in any layout :func:`~ciml.data.layouts.read_dataset` reads.
         layout: the data's layout, or ``auto``.
-        settings: checkpoint, folds, TTA, step, device (one loaded model serves every subset).
+        settings: checkpoint, folds, TTA, step, device (one loaded model serves every subset); masks are
+            scored without the run's postprocessing (chosen on predictions from every modality).
         subsets: the subsets to score (default: every non-empty subset, largest first).
         convention: brats, autopet or hecktor; default from the task name.
         samples: bootstrap resamples of the cases for the summary's intervals (0: none).
@@ -584,7 +585,10 @@ def evaluate_robustness(
     cases = [c for c in read_dataset(data, spec, layout) if c.label is not None]
     if not cases:
         raise EvaluationError(f"{data}: no labelled cases to score")
-    predictor = Predictor.from_run(run, settings)
+    # masks are scored as the network gives them: postprocessing was chosen on full-modality predictions
+    predictor = Predictor.from_run(
+        run, dataclasses.replace(settings or InferenceSettings(), postprocessing=False)
+    )
     chosen = modality_subsets(spec.modality_names) if subsets is None else subsets
     subsets = list(dict.fromkeys(predictor.present_modalities(s) for s in chosen))
     notes = {s: str(e) for s in subsets if (e := predictor.missing_modality_error(s)) is not None}

@@ -3,8 +3,15 @@
 For each case: the run's own preprocessing (the plan in ``run.json``), sliding-window inference with
 Gaussian weighting and optional mirroring TTA (:mod:`ciml.inferers.sliding`), the mean of the region
 probabilities over the run's folds, the inversion back onto the input's own grid, and a label map in the
-dataset's label values (regions with probability above ``REGION_THRESHOLD``, painted in the spec's
-assembly order), written with the input's affine and header (:mod:`ciml.inference.writing`).
+dataset's label values (regions with probability above ``REGION_THRESHOLD``, postprocessed with the rule
+the run chose on its validation folds, painted in the spec's assembly order), written with the input's
+affine and header (:mod:`ciml.inference.writing`).
+
+**Postprocessing.** Training stores per fold the rule that raised its validation Dice
+(``fold_K/postprocessing.json``, :mod:`ciml.inferers.postprocessing`): e.g. a small BraTS ET removed,
+so it is written as necrosis. Prediction applies the rule of the folds it ensembles when they agree, else
+the first fold's with a printed note; ``InferenceSettings(postprocessing=False)`` (``--no-postprocessing``)
+applies none, and runs from before these files predict as they always did.
 
 **Missing modalities.** A CIML run predicts from any non-empty subset of its modalities: the missing
 modalities' segmentors are skipped and their messages sit at the gates' "no information" state
@@ -55,7 +62,7 @@ from ciml.inference.writing import (
     write_label_map,
     write_probabilities,
 )
-from ciml.inferers import DEFAULT_STEP, check_step, sliding_window_probabilities
+from ciml.inferers import DEFAULT_STEP, Postprocessing, check_step, sliding_window_probabilities
 from ciml.locks import folder_lock
 from ciml.models import SegmentationNetwork
 from ciml.runs import RunFolder, load_trained_run
@@ -79,6 +86,7 @@ class InferenceSettings:
         sw_batch_size: tiles per forward pass.
         patch_size: tile size (default: the run's training patch). A larger tile than the training
             patch is fine for these fully convolutional networks and saves overlap work on a CPU.
+        postprocessing: apply the postprocessing the run chose on its validation folds (if it has one).
     """
 
     checkpoint: str = "last"
@@ -88,6 +96,7 @@ class InferenceSettings:
     device: str = "auto"
     sw_batch_size: int = 1
     patch_size: tuple[int, int, int] | None = None
+    postprocessing: bool = True
 
 
 @dataclass(frozen=True)
@@ -124,7 +133,8 @@ class Predictor:
     """A run's fold networks with its task spec, preprocessing plan and patch size, ready for any case.
 
     Build it with :meth:`from_run`; it loads every fold once, so predicting many cases (or many modality
-    subsets of one case) costs no reloading.
+    subsets of one case) costs no reloading. ``postprocessing`` is the run's rule for label maps; the
+    attribute :attr:`postprocessing` is what is applied (none when ``settings.postprocessing`` is off).
     """
 
     def __init__(
@@ -135,12 +145,15 @@ class Predictor:
         patch_size: Sequence[int],
         settings: InferenceSettings | None = None,
         run_info: Mapping[str, Any] | None = None,
+        postprocessing: Postprocessing | None = None,
     ) -> None:
         if not models:
             raise CimlError("a predictor needs at least one network")
         self.spec, self.plan, self.models = spec, plan, list(models)
         self.patch_size = tuple(int(p) for p in patch_size)
         self.settings = settings or InferenceSettings()
+        wanted = self.settings.postprocessing and postprocessing is not None
+        self.postprocessing = postprocessing if wanted else Postprocessing()
         self.run_info = dict(run_info or {})
         check_step(self.settings.step)
         self.device = resolve_device(self.settings.device)
@@ -159,7 +172,10 @@ class Predictor:
         trained = load_trained_run(
             run, settings.folds, settings.checkpoint, settings.device, settings.patch_size
         )
-        return cls(trained.spec, trained.plan, trained.models, trained.patch_size, settings, trained.info)
+        rule = run_postprocessing(trained.folder, trained.folds) if settings.postprocessing else None
+        return cls(
+            trained.spec, trained.plan, trained.models, trained.patch_size, settings, trained.info, rule
+        )
 
     # ------------------------------------------------------------------------------- modality subsets
 
@@ -295,6 +311,22 @@ class Predictor:
         return out
 
 
+def run_postprocessing(folder: RunFolder, folds: Sequence[int]) -> Postprocessing:
+    """The postprocessing of the ensembled ``folds``: theirs when they agree, else the first fold's (noted).
+
+    A fold without ``postprocessing.json`` (trained before it was written) counts as no postprocessing.
+    """
+    rules = {fold: folder.read_postprocessing(fold) or Postprocessing() for fold in folds}
+    first = rules[folds[0]]
+    if any(not rule.same_as(first) for rule in rules.values()):
+        chosen = "; ".join(f"fold {f}: {r.describe()}" for f, r in rules.items())
+        print(
+            f"note: the folds chose different postprocessing ({chosen}); applying fold {folds[0]}'s",
+            flush=True,
+        )
+    return first
+
+
 # ------------------------------------------------------------------------------------------ per case
 
 
@@ -417,18 +449,20 @@ def _predict_checked(
     )
     reference = reference_nifti(case.images[pre.meta["reference_modality"]])
     affine = np.asarray(pre.meta["original_affine"], dtype=np.float64)
+    spacing = pre.meta["original_spacing"]
     del pre
     if probabilities_path in todo:
         write_probabilities(probabilities, probabilities_path, affine, reference)
+    rule = predictor.postprocessing
     if sidecar in todo:
         missing = [m for m in spec.modality_names if m not in present]
-        write_json_atomic(sidecar, {"case_id": case.case_id, "modalities": list(present), "missing": missing})
+        record = {"case_id": case.case_id, "modalities": list(present), "missing": missing}
+        write_json_atomic(sidecar, record | ({} if rule.is_identity else {"postprocessing": rule.to_dict()}))
     if writing.callbacks and writing.callbacks.before_label:
         writing.callbacks.before_label(case.case_id)
     if label_path in todo:
-        write_label_map(
-            spec.regions_to_labels(probabilities > REGION_THRESHOLD), label_path, affine, reference
-        )
+        masks = rule.apply(probabilities > REGION_THRESHOLD, spec, spacing=spacing)
+        write_label_map(spec.regions_to_labels(masks), label_path, affine, reference)
     return CaseResult(case.case_id, tuple(wanted), time.perf_counter() - start)
 
 
@@ -501,6 +535,10 @@ def _predict_locked(
     """The loop of :func:`predict_cases`, run while holding the output folder's lock."""
     results = []
     bar = tqdm(cases, desc="predict", unit="case", disable=not progress)
+    if progress and not predictor.postprocessing.is_identity:
+        bar.write(
+            f"postprocessing (chosen on the run's validation folds): {predictor.postprocessing.describe()}"
+        )
     for case in bar:
         result = _predict_checked(predictor, case, subsets[case.case_id], writing)
         results.append(result)
