@@ -32,7 +32,7 @@ class BrainDemoConfig:
 
     train_cases: int = 8
     test_cases: int = 3
-    iterations: int = 150
+    iterations: int = 300
     patch_size: tuple[int, int, int] = (32, 32, 32)
     widths: tuple[int, ...] = (8, 16, 32)
     batch_size: int = 2
@@ -40,9 +40,13 @@ class BrainDemoConfig:
     model: str = "ciml"
     seed: int = 0
     device: str = "auto"
-    #: Mirroring only: 150 CPU steps are too few for nnU-Net's full augmentation to pay (it is the
-    #: default of `ciml train`); the demo shows the pipeline, not a converged model.
+    #: Mirroring only: a few hundred CPU steps are too few for nnU-Net's full augmentation to pay (it
+    #: is the default of `ciml train`).
     augment: str = "mirror"
+    #: AdamW at 1e-2 (poly decay): at these widths and budgets 1e-3 leaves every model far from
+    #: converged (benchmarks/results/demo_recipe.md compares optimizers and rates).
+    optimizer: str = "adamw"
+    lr: float = 1e-2
 
 
 def write_phantoms(data_dir: Path, config: BrainDemoConfig, progress: bool = True) -> tuple[Path, Path]:
@@ -99,6 +103,8 @@ def train_settings(
         seed=config.seed,
         device=config.device,
         augment=config.augment,
+        optimizer=config.optimizer,
+        lr=config.lr,
         progress=progress,
     )
 
