@@ -1,30 +1,49 @@
-"""Accuracy of CIML against its baselines on the brain tumour phantom at equal budget (issue 7).
+"""A converged, equal-budget accuracy study of CIML against its baselines on the brain phantom (issue 14).
 
-Every model (ciml, joint, ensemble, ciml-nomsg, ciml-beta0, segresnet) trains on the same phantom
-training cases (fold 0 of the same 5-fold split) with the same iterations, patch, batch, optimizer and
-seed, through the API ``ciml demo`` uses; each then predicts the same held-out test phantoms, scored by
-the code ``ciml evaluate`` runs (BraTS conventions: Dice and HD95 per region WT, TC, ET). The table also
-gives parameters, forward FLOPs of one training patch, training and inference wall time. Equal budget
-means equal data and iterations, not equal FLOPs: CIML's and the ensemble's four segmentors use the joint
-U-Net's widths each, so they cost about four times its arithmetic (the FLOPs column shows it).
+Every model (ciml, ciml-beta0, ciml-nomsg, joint, ensemble, segresnet, and ``ciml-flops``: CIML with its
+segmentor widths matched to the joint U-Net's forward FLOPs) trains on the same phantom training cases
+(fold 0 of one 5-fold split, made with the data seed, so the same cases for every model and seed) with
+the same iterations, patch, batch, augmentation, optimizer and learning rate (AdamW, lr 1e-2 with poly
+decay: with the library's former 1e-3 no model converged in a CPU budget), once per training seed (the
+seed sets the weights and the patch sampling; the phantoms are the same for every seed and model).
 
-Then the 15-subset missing-modality table (``ciml robustness``) with its subset average per region. With
-``--modality-dropout P`` every model trains with modality dropout (CIML-family models skip the dropped
-segmentors, joint and segresnet see zero-filled channels and then run zero-filled on any subset), so the
-15-subset comparison is like for like; without it joint and segresnet need every modality and their
-incomplete subsets are n/a, with the reason. Last comes the
-ShapeComposition table: the committed benchmarks/results/shapecomposition/results.json, or a fresh run
-with ``--shapes``.
+Convergence: each run validates ``validations`` times, evenly spaced, on the fold's validation cases
+(whole cases, sliding window, as ``ciml train`` validates). A run has converged when its validation
+mean Dice has plateaued: the mean of the last ``PLATEAU_WINDOW`` validations is within
+``PLATEAU_TOLERANCE`` of the best validation, and the last ``PLATEAU_TAIL`` of training raised the best
+by less than ``PLATEAU_TOLERANCE`` (:func:`plateau`). The table marks a model converged only when every
+seed has.
 
-    python benchmarks/accuracy.py --setting cpu    # 2 CPU cores, 1 torch thread: under one hour
-    python benchmarks/accuracy.py --setting gpu    # a lent H100/H200: a few minutes
-    python benchmarks/accuracy.py --quick --out /tmp/accuracy   # smoke test, well under a minute
-    python benchmarks/accuracy.py --setting cpu --models ciml,joint --out /tmp/accuracy_two
+Scores: each run predicts the same held-out test phantoms (its last checkpoint, the run's
+postprocessing), scored by the code ``ciml evaluate`` runs (BraTS conventions: Dice and HD95 per region
+WT, TC, ET). Per model the table gives, per region and for the mean over regions, the mean +- std over
+seeds of each seed's mean over the test cases; then paired bootstrap 95 % intervals of the Dice
+difference CIML - ensemble, CIML - joint (and the equal-FLOPs CIML against both, and the ablations):
+per test case the difference is averaged over the seeds both models ran, cases are drawn with
+replacement (:func:`ciml.evaluation.robustness.resample_weights`, seeded) and the percentile interval of
+the mean difference is reported. "wins" when the interval lies above 0, "loses" below, "ties" otherwise.
 
-Writes ``results.json`` (environment, settings, per-model rows, robustness, shapes) and ``results.md``
-to ``--out`` (default benchmarks/results/accuracy_<setting>/), atomically, refusing to replace them
-without ``--overwrite``; they are rewritten after every model, so a crash keeps the finished models.
-Phantoms, runs and predictions go to ``--work`` (default: a temporary folder, deleted at the end).
+Missing modalities: ciml, the ensemble and the joint U-Net are trained again with modality dropout
+(``--modality-dropout``, a share of batches hides a random proper subset; CIML and the ensemble skip the
+hidden segmentors, the joint U-Net sees them zero-filled, the usual missing-modality baseline) on the
+first ``robustness_seeds`` seed(s), and ``ciml robustness`` scores the test cases on all 15 modality
+subsets. Last comes the ShapeComposition table: the committed
+benchmarks/results/shapecomposition/results.json, or a fresh run with ``--shapes``.
+
+Before training, a budget probe times a few training steps and one whole-case inference of every model
+and prints the estimated wall time of the run (``--estimate``: only that).
+
+    python benchmarks/accuracy.py --setting cpu    # 2 CPU cores, 1 torch thread: at most 90 minutes
+    python benchmarks/accuracy.py --setting gpu    # a lent H100/H200
+    python benchmarks/accuracy.py --quick --out /tmp/accuracy   # smoke test, about a minute
+    python benchmarks/accuracy.py --setting cpu --estimate      # the budget probe only (~1 minute)
+    python benchmarks/accuracy.py --setting cpu --models ciml,joint --seeds 0 --out /tmp/accuracy_two
+
+Writes ``results.json`` (environment, settings, estimate, every run with its validation curve and
+per-case scores, per-model rows, comparisons, robustness, shapes) and ``results.md`` to ``--out``
+(default benchmarks/results/accuracy_<setting>/), atomically, refusing to replace them without
+``--overwrite``; they are rewritten after every run, so a crash keeps the finished runs. Phantoms, runs
+and predictions go to ``--work`` (default: a temporary folder, deleted at the end).
 """
 
 from __future__ import annotations
@@ -35,23 +54,29 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-import speed  # benchmarks/speed.py, beside this script: its FLOP counter and environment record
+import speed  # benchmarks/speed.py, beside this script: its environment record
+from ciml.data.layouts import read_dataset
+from ciml.data.preprocessing import plan_preprocessing, preprocess_case
 from ciml.errors import CimlError
 from ciml.evaluation.evaluate import evaluate_folders
 from ciml.evaluation.robustness import (
     RobustnessResult,
     evaluate_robustness,
     modality_subsets,
+    percentile_interval,
+    resample_weights,
     subset_name,
 )
 from ciml.experiments.brain_demo import (
@@ -65,17 +90,50 @@ from ciml.experiments.brain_demo import (
 from ciml.experiments.shapecomposition import ShapeExperimentConfig, results_table, run_experiment
 from ciml.files import write_json_atomic, write_text_atomic
 from ciml.inference.predict import predict_folder
+from ciml.inferers import sliding_window_probabilities
 from ciml.models import build_model
 from ciml.models.registry import MODELS
+from ciml.runs import RunFolder
+from ciml.runs.log import LOG_FILE, read_log
 from ciml.tasks import load_task
-from ciml.training.engine import train
+from ciml.training.engine import TrainSettings, make_splits, train
+from ciml.training.loop import Batch, TrainConfig, Trainer
+from ciml.training.planning import forward_flops, match_widths
 
 BENCHMARKS = Path(__file__).resolve().parent
 RESULTS_DIR = BENCHMARKS / "results"
 SHAPES_RESULTS = RESULTS_DIR / "shapecomposition" / "results.json"
-ALL_MODELS = ("ciml", "joint", "ensemble", "ciml-nomsg", "ciml-beta0", "segresnet")
+EQUAL_FLOPS = "ciml-flops"  # CIML with segmentor widths matched to the joint U-Net's forward FLOPs
+ALL_MODELS = ("ciml", "ciml-beta0", "ciml-nomsg", "joint", "ensemble", "segresnet", EQUAL_FLOPS)
+ROBUSTNESS_DEFAULT = ("ciml", "ensemble", "joint")
+#: (a, b): the table gives Dice(a) - Dice(b) with its paired bootstrap interval, when both ran.
+COMPARISONS = (
+    ("ciml", "ensemble"),
+    ("ciml", "joint"),
+    (EQUAL_FLOPS, "joint"),
+    (EQUAL_FLOPS, "ensemble"),
+    ("ciml", "ciml-nomsg"),
+    ("ciml", "ciml-beta0"),
+    ("ciml", "segresnet"),
+)
 OUTPUT_NAMES = ("results.json", "results.md")
 METRICS = ("dice", "hd95")
+FOLDS = 5
+#: The plateau criterion (:func:`plateau`).
+PLATEAU_WINDOW = 3
+PLATEAU_TOLERANCE = 0.01
+PLATEAU_TAIL = 0.3
+#: Budget probe: seconds that are not network arithmetic, measured with the cpu preset on the 2-core
+#: AMD EPYC box (a joint and a joint+dropout run of 300 iterations; see :func:`budget`): per training
+#: run beyond its steps and validations (integrity check, preprocessing the cases, checkpoints,
+#: postprocessing choice, progress plot: ~3 s), per predicted test case beyond its inference (loading,
+#: resampling to 2 mm, writing, ``ciml evaluate``: ~0.25 s), per scored modality subset of a case
+#: (~0.05 s), per written phantom (0.43 s).
+RUN_OVERHEAD_S = 4.0
+PREDICT_OVERHEAD_S = 0.3
+SUBSET_OVERHEAD_S = 0.1
+PHANTOM_S = 0.5
+PROBE_STEPS = 3
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -85,8 +143,12 @@ METRICS = ("dice", "hd95")
 class Settings:
     """Everything that determines the numbers; stored in the JSON next to them.
 
-    ``widths`` serve every U-Net-based model (each CIML/ensemble segmentor has them); SegResNet gets
+    ``widths`` serve every U-Net-based model (each CIML/ensemble segmentor has them; ``ciml-flops``
+    gets the widths whose forward FLOPs match the joint U-Net's at ``widths``); SegResNet gets
     ``segresnet_widths`` (only the first width, its init filters, and the number of levels matter).
+    ``validations`` evenly spaced validations on ``max_validation_cases`` of the fold's validation
+    cases give each run's convergence curve. The robustness runs train with ``modality_dropout`` on the
+    first ``robustness_seeds`` of ``seeds``.
     """
 
     setting: str
@@ -99,85 +161,129 @@ class Settings:
     widths: tuple[int, ...]
     segresnet_widths: tuple[int, ...]
     inference_patch: int
+    seeds: tuple[int, ...]
     robustness_models: tuple[str, ...]
     threads: int | None
-    seed: int = 0
+    optimizer: str = "adamw"
+    lr: float = 1e-2
+    augment: str = "mirror"
     target_spacing_mm: float | None = None  # None: train and predict at the phantoms' 2 mm
-    modality_dropout: float = 0.0  # share of batches that hide a random proper subset of modalities
+    validations: int = 10
+    max_validation_cases: int = 2
+    modality_dropout: float = 0.5
+    robustness_seeds: int = 1
+    data_seed: int = 0
+    bootstrap_samples: int = 2000
     note: str = ""
 
-    def demo_config(self, model: str) -> BrainDemoConfig:
-        """The brain demo's config for one model (the demo's functions train and predict it)."""
-        cube = (self.patch,) * 3
-        return BrainDemoConfig(
+    @property
+    def validate_every(self) -> int:
+        return max(1, self.iterations // self.validations)
+
+    def train_settings(
+        self, variant: Variant, seed: int, train_dir: Path, run_dir: Path, progress: bool
+    ) -> TrainSettings:
+        """The training settings of one run: the brain demo's, with this study's recipe set explicitly."""
+        config = BrainDemoConfig(
             train_cases=self.train_cases,
             test_cases=self.test_cases,
             iterations=self.iterations,
-            patch_size=cube,
-            widths=self.segresnet_widths if model == "segresnet" else self.widths,
+            patch_size=(self.patch,) * 3,
+            widths=variant.widths,
             batch_size=self.batch,
             inference_patch=(self.inference_patch,) * 3,
-            model=model,
-            seed=self.seed,
+            model=variant.model,
+            seed=seed,
             device=self.device,
+            augment=self.augment,
+        )
+        training = train_settings(
+            config, train_dir, run_dir, progress, validation_cases=self.max_validation_cases
+        )
+        spacing = None if self.target_spacing_mm is None else (self.target_spacing_mm,) * 3
+        return replace(
+            training,
+            optimizer=self.optimizer,
+            lr=self.lr,
+            augment=self.augment,
+            seed=seed,
+            folds=FOLDS,
+            validate_every=self.validate_every,
+            max_validation_cases=self.max_validation_cases,
+            modality_dropout=variant.modality_dropout,
+            target_spacing=spacing,
+        )
+
+    def inference(self) -> Any:
+        """How every run predicts: its last checkpoint with ``inference_patch`` tiles."""
+        return inference_settings(
+            BrainDemoConfig(inference_patch=(self.inference_patch,) * 3, device=self.device)
         )
 
 
-ROBUSTNESS_DEFAULT = ("ciml", "ensemble", "ciml-nomsg", "joint", "segresnet")
-
 PRESETS: dict[str, Settings] = {
-    # Measured on the 2-core AMD EPYC box, 1 thread (--models ciml): ciml trains 500 iterations of
-    # 2x4x32^3 (widths 8..64) in 402 s, predicts a test case in 11.5 s, its 15-subset table takes 244 s
-    # for 4 cases. Per training step, relative to ciml: ciml-beta0 1, ensemble and ciml-nomsg 0.53,
-    # segresnet 0.20, joint 0.16. So all six train in ~23 min; with predictions and robustness ~35 min.
+    # 3 mm: the cropped phantom brain (~50x58x51 voxels) fits one 64^3 tile, so a prediction costs one
+    # tile forward (at 2 mm a case needs 12 such tiles, or one 96^3 tile: ~4x the work), which is what
+    # lets 10 test cases, 10 validations per run and the 15-subset tables fit. Timed on the 2-core AMD
+    # EPYC box with one other process running (1 torch thread; s/step at 2x4x32^3, s per whole 3 mm
+    # case): ciml 0.88/1.55, ciml-beta0 1.02/1.48, ciml-nomsg 0.50/0.67, ensemble 0.39/0.58, joint
+    # 0.11/0.37, segresnet 0.16/0.67, ciml-flops (4/8/12) 0.51/1.04; with budget() that is ~81 min
+    # for 300 iterations (400 would be ~101 min), so 300 is the most the 90 minutes allow. Whether
+    # that converges is what the run measures: short probes (seed 0) did not plateau (joint: best
+    # validation mean Dice 0.44 at 300 iterations, 0.41 at 1000; ciml: 0.52 at 150, still rising).
     "cpu": Settings(
         setting="cpu",
         device="cpu",
         train_cases=12,
-        test_cases=4,
-        iterations=500,
+        test_cases=10,
+        iterations=300,
         patch=32,
         batch=2,
-        widths=(8, 16, 32, 64),
-        segresnet_widths=(8, 16, 32, 64),  # MONAI's default SegResNet: init_filters 8, blocks (1, 2, 2, 4)
+        widths=(8, 16, 32),
+        segresnet_widths=(8, 16, 32),  # SegResNet's init filters 8 (MONAI's default), 3 levels
         inference_patch=64,
+        seeds=(0, 1, 2),
         robustness_models=ROBUSTNESS_DEFAULT,
         threads=1,
-        note="2 CPU cores, 1 torch thread; about 35 minutes for all six models (estimated)",
+        target_spacing_mm=3.0,
+        note="2 CPU cores, 1 torch thread; budget: at most 90 minutes",
     ),
-    # Estimated, not measured (no GPU was lent): eager ciml runs ~12k aten ops per training step, so it
-    # is launch-bound at <= ~100 ms/step (243 GFLOP forward at 2x4x64^3); ensemble/ciml-nomsg ~4.5k ops,
-    # joint/segresnet ~1.5k. 1000 iterations: ~5.5 min of training for all six, plus ~2 min of
-    # phantoms, preprocessing, prediction (one 96^3 tile covers a cropped 2 mm case) and robustness.
+    # Not measured (no GPU was lent yet): the budget probe prints its estimate at the start.
     "gpu": Settings(
         setting="gpu",
         device="cuda",
         train_cases=24,
-        test_cases=8,
+        test_cases=20,
         iterations=1000,
         patch=64,
         batch=2,
         widths=(16, 32, 64, 128),
         segresnet_widths=(16, 32, 64, 128),  # MONAI's BraTS tutorial SegResNet: init_filters 16
-        inference_patch=96,
-        robustness_models=("ciml", "joint", "segresnet"),  # --robustness adds ensemble, ciml-nomsg
+        inference_patch=96,  # one tile covers a cropped 2 mm case
+        seeds=(0, 1, 2),
+        robustness_models=ROBUSTNESS_DEFAULT,
         threads=None,
-        note="one H100/H200, bf16 autocast; estimated at most 8 minutes for all six models",
+        max_validation_cases=4,
+        note="one H100/H200, bf16 autocast",
     ),
     "quick": Settings(
         setting="quick",
         device="cpu",
-        train_cases=2,
-        test_cases=1,
-        iterations=3,
+        train_cases=3,
+        test_cases=2,
+        iterations=4,
         patch=16,
         batch=1,
         widths=(4, 8),
         segresnet_widths=(4, 8),
         inference_patch=32,
-        robustness_models=ROBUSTNESS_DEFAULT,
+        seeds=(0,),
+        robustness_models=("ciml",),  # each 15-subset table adds ~25 s to the smoke test
         threads=1,
         target_spacing_mm=4.0,  # 8x fewer voxels to predict than at 2 mm
+        validations=2,
+        max_validation_cases=1,
+        bootstrap_samples=200,
         note="smoke test (--quick): numbers mean nothing",
     ),
 }
@@ -188,60 +294,417 @@ QUICK_SHAPES = ShapeExperimentConfig(
 )
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One row of the study: a registry model at some widths, trained with some modality dropout."""
+
+    key: str
+    model: str
+    widths: tuple[int, ...]
+    label: str
+    modality_dropout: float = 0.0
+
+
+def equal_flops_widths(widths: Sequence[int]) -> tuple[tuple[int, ...], int, int]:
+    """CIML widths whose forward FLOPs match the joint U-Net's at ``widths``, and both FLOPs (one
+    4-channel patch of the smallest edge every level takes; the ratio is the same at any patch)."""
+    edge = 2 ** len(widths)
+    return match_widths(load_task(TASK), tuple(widths), (1, 4, edge, edge, edge), "ciml")
+
+
+def study_variants(settings: Settings, keys: Sequence[str]) -> list[Variant]:
+    """The main table's rows, in the order of ``keys``."""
+    variants = []
+    for key in keys:
+        if key == EQUAL_FLOPS:
+            variants.append(
+                Variant(key, "ciml", equal_flops_widths(settings.widths)[0], "ciml (equal FLOPs)")
+            )
+        else:
+            widths = settings.segresnet_widths if key == "segresnet" else settings.widths
+            variants.append(Variant(key, key, tuple(widths), key))
+    return variants
+
+
+def robustness_variants(settings: Settings) -> list[Variant]:
+    """The models trained with modality dropout for the 15-subset table."""
+    p = settings.modality_dropout
+    return [
+        Variant(
+            f"{model}+dropout",
+            model,
+            tuple(settings.segresnet_widths if model == "segresnet" else settings.widths),
+            f"{model} (modality dropout {p:g}{', zero-filled' if model in ('joint', 'segresnet') else ''})",
+            p,
+        )
+        for model in settings.robustness_models
+    ]
+
+
 def check_settings(settings: Settings, models: Sequence[str]) -> None:
     """Fail before any work on settings no model can run.
 
     Raises:
-        CimlError: unknown model, CUDA missing, a patch not divisible by a model's downsampling.
+        CimlError: unknown model, CUDA missing, a patch not divisible by a model's downsampling, ...
     """
-    unknown = [m for m in (*models, *settings.robustness_models) if m not in MODELS]
+    unknown = [m for m in models if m not in (*MODELS, EQUAL_FLOPS)]
+    unknown += [m for m in settings.robustness_models if m not in MODELS]
     if unknown:
-        raise CimlError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+        raise CimlError(
+            f"unknown model(s) {', '.join(unknown)}; choose from {', '.join((*MODELS, EQUAL_FLOPS))}"
+        )
     if not models:
         raise CimlError("--models: name at least one model")
+    if len(set(models)) != len(models):
+        raise CimlError("--models: a model is named twice")
+    if not settings.seeds or len(set(settings.seeds)) != len(settings.seeds):
+        raise CimlError("--seeds: give one or more distinct integers")
+    if settings.robustness_models and not 0.0 < settings.modality_dropout < 1.0:
+        raise CimlError(f"--modality-dropout must be in (0, 1), got {settings.modality_dropout}")
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise CimlError("--setting gpu needs CUDA, which is not available here (use --setting cpu)")
     if settings.train_cases < 2 or settings.test_cases < 1:
         raise CimlError("need at least 2 training cases (the run splits them) and 1 test case")
-    for widths in {settings.demo_config(m).widths for m in models}:
+    if settings.iterations < 1 or settings.validations < 1:
+        raise CimlError("need at least one iteration and one validation")
+    for widths in {settings.widths, settings.segresnet_widths}:
         divisor = 2 ** (len(widths) - 1)
         for name, size in (("patch", settings.patch), ("inference patch", settings.inference_patch)):
             if size % divisor:
                 raise CimlError(f"{name} {size} must be a multiple of {divisor} for widths {widths}")
 
 
-# ------------------------------------------------------------------------------------------ results
+# ------------------------------------------------------------------------------------ convergence
 
 
-@dataclass
-class ModelRow:
-    """One model's scores on the held-out phantoms and its costs.
+def plateau(
+    iterations: Sequence[int],
+    scores: Sequence[float],
+    total: int,
+    window: int = PLATEAU_WINDOW,
+    tolerance: float = PLATEAU_TOLERANCE,
+    tail: float = PLATEAU_TAIL,
+) -> dict[str, Any]:
+    """Whether a validation curve has plateaued, with the numbers behind the answer.
 
-    Attributes:
-        dice, dice_std, hd95, hd95_std: region -> mean (std) over the test cases (HD95 in mm).
-        mean_dice: mean of the regions' mean Dice.
-        fwd_gflops: forward GFLOPs of one 4-channel training patch (batch 1).
-        train_s: wall time of ``train`` (incl. preprocessing the training cases, a few seconds).
-        inference_s: wall time of ``predict_folder`` over all test cases (incl. loading the model).
-        robustness_s: wall time of the 15-subset table (None: not run for this model).
-        cases: case -> region -> {dice, hd95}.
+    Converged: the mean of the last ``window`` validations is within ``tolerance`` of the best, and the
+    validations in the last ``tail`` of the ``total`` iterations raised the best by less than
+    ``tolerance`` (over the best before them). NaN scores count as 0 (no prediction is no Dice).
     """
+    values = [0.0 if (s is None or math.isnan(s)) else float(s) for s in scores]
+    result: dict[str, Any] = {"converged": False, "best": None, "last_mean": None, "tail_gain": None}
+    if len(values) < window + 1:
+        result["reason"] = f"{len(values)} validation(s): the criterion needs at least {window + 1}"
+        return result
+    best = max(values)
+    last_mean = sum(values[-window:]) / window
+    cutoff = (1.0 - tail) * total
+    before = [v for i, v in zip(iterations, values, strict=True) if i <= cutoff]
+    if not before:
+        result.update(best=best, last_mean=last_mean, reason=f"no validation before iteration {cutoff:g}")
+        return result
+    gain = best - max(before)
+    drop = best - last_mean
+    reasons = []
+    if drop > tolerance:
+        reasons.append(f"last {window} validations {drop:.3f} below the best")
+    if gain >= tolerance:
+        reasons.append(f"the last {tail:.0%} of training raised the best by {gain:.3f}")
+    result.update(
+        converged=not reasons,
+        best=best,
+        last_mean=last_mean,
+        tail_gain=gain,
+        reason="; ".join(reasons) or "plateaued",
+    )
+    return result
 
-    model: str
-    widths: list[int]
-    params: int
-    fwd_gflops: float
-    dice: dict[str, float]
-    dice_std: dict[str, float]
-    hd95: dict[str, float]
-    hd95_std: dict[str, float]
-    mean_dice: float
-    train_s: float
-    inference_s: float
-    inference_s_per_case: float
-    n_train_cases: int
-    robustness_s: float | None = None
-    cases: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+
+def validation_curve(log: Sequence[dict[str, Any]], regions: Sequence[str]) -> list[dict[str, Any]]:
+    """The validations of a run log: iteration, mean Dice and Dice per region."""
+    return [
+        {
+            "iteration": int(r["iteration"]),
+            "mean": r["val/dice/mean"],
+            "dice": {region: r.get(f"val/dice/{region}") for region in regions},
+        }
+        for r in log
+        if "val/dice/mean" in r and "iteration" in r
+    ]
+
+
+# ------------------------------------------------------------------------------------- statistics
+
+
+def case_scores(run: dict[str, Any], key: str) -> dict[str, float]:
+    """case -> Dice of ``key`` (a region, or ``mean``: the mean over regions, NaN if any region is)."""
+    scores = {}
+    for case, regions in run["cases"].items():
+        values = [_float(v["dice"]) for v in regions.values()]
+        scores[case] = float(np.mean(values)) if key == "mean" else _float(regions[key]["dice"])
+    return scores
+
+
+def _float(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def verdict(low: float, high: float) -> str:
+    """ "wins" when the interval lies above 0, "loses" below, "ties" otherwise (or n/a)."""
+    if math.isnan(low) or math.isnan(high):
+        return "n/a"
+    return "wins" if low > 0 else "loses" if high < 0 else "ties"
+
+
+def paired_difference(
+    runs_a: Sequence[dict[str, Any]],
+    runs_b: Sequence[dict[str, Any]],
+    keys: Sequence[str],
+    samples: int,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Dice(a) - Dice(b) with a paired bootstrap 95 % interval, per key (region or ``mean``).
+
+    Pairs by seed and by case: per test case the difference is averaged over the seeds both ran
+    (a case whose Dice is undefined for either model is left out), then cases are resampled with
+    replacement (``samples`` seeded draws) and the mean over cases is recomputed on each draw.
+    """
+    by_seed_a = {run["seed"]: run for run in runs_a}
+    by_seed_b = {run["seed"]: run for run in runs_b}
+    seeds = sorted(set(by_seed_a) & set(by_seed_b))
+    result: dict[str, Any] = {"seeds": seeds, "samples": samples, "bootstrap_seed": seed, "keys": {}}
+    for key in keys:
+        if not seeds:
+            result["keys"][key] = {"estimate": math.nan, "low": math.nan, "high": math.nan, "cases": 0}
+            continue
+        a = [case_scores(by_seed_a[s], key) for s in seeds]
+        b = [case_scores(by_seed_b[s], key) for s in seeds]
+        cases = sorted(set.intersection(*(set(x) for x in a + b)))
+        differences = np.array([[a[i][c] - b[i][c] for c in cases] for i in range(len(seeds))])
+        per_case = differences.mean(axis=0) if cases else np.zeros(0)
+        per_case = per_case[~np.isnan(per_case)]
+        if per_case.size == 0:
+            result["keys"][key] = {"estimate": math.nan, "low": math.nan, "high": math.nan, "cases": 0}
+            continue
+        weights = resample_weights(per_case.size, samples, seed)
+        means = weights @ per_case / weights.sum(axis=1)
+        interval = percentile_interval(float(means[0]), means[1:])
+        result["keys"][key] = {
+            "estimate": interval.estimate,
+            "low": interval.low,
+            "high": interval.high,
+            "cases": int(per_case.size),
+            "verdict": verdict(interval.low, interval.high),
+        }
+    return result
+
+
+def summarize_runs(
+    variant: dict[str, Any], runs: Sequence[dict[str, Any]], regions: Sequence[str]
+) -> dict[str, Any]:
+    """One model's table row: mean +- std over seeds of each seed's mean test Dice, and convergence.
+
+    ``std`` is the sample standard deviation over seeds (0 for one seed).
+    """
+    keys = [*regions, "mean"]
+    dice = {k: [run["dice"][k] for run in runs] for k in keys}
+    hd95 = {r: [run["hd95"][r] for run in runs] for r in regions}
+
+    def spread(values: Sequence[float]) -> tuple[float, float]:
+        values = [v for v in values if v is not None and not math.isnan(v)]
+        if not values:
+            return math.nan, math.nan
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    converged = sum(bool(run["plateau"]["converged"]) for run in runs)
+    return {
+        **variant,
+        "seeds": [run["seed"] for run in runs],
+        "dice": {k: spread(v)[0] for k, v in dice.items()},
+        "dice_std": {k: spread(v)[1] for k, v in dice.items()},
+        "hd95": {r: spread(v)[0] for r, v in hd95.items()},
+        "hd95_std": {r: spread(v)[1] for r, v in hd95.items()},
+        "converged": bool(runs) and converged == len(runs),
+        "converged_seeds": converged,
+        "train_s": statistics.fmean(run["train_s"] for run in runs),
+        "inference_s_per_case": statistics.fmean(run["inference_s_per_case"] for run in runs),
+    }
+
+
+def study_tables(result: dict[str, Any]) -> None:
+    """Recompute ``models`` and ``comparisons`` of ``result`` from its ``runs`` (in place)."""
+    regions = result["regions"]
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for run in result["runs"]:
+        by_key.setdefault(run["key"], []).append(run)
+    result["models"] = [
+        summarize_runs(variant, by_key[variant["key"]], regions)
+        for variant in result["variants"]
+        if variant["key"] in by_key
+    ]
+    samples = result["settings"]["bootstrap_samples"]
+    result["comparisons"] = [
+        {
+            "a": a,
+            "b": b,
+            "converged": all(run["plateau"]["converged"] for run in by_key[a] + by_key[b]),
+            **paired_difference(by_key[a], by_key[b], [*regions, "mean"], samples),
+        }
+        for a, b in COMPARISONS
+        if a in by_key and b in by_key
+    ]
+
+
+# ---------------------------------------------------------------------------------------- budget
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Measured seconds of one training step and of the sliding-window inference of one whole case."""
+
+    step_s: float
+    case_s: float
+
+
+def probe_timing(variant: Variant, settings: Settings, case_shape: Sequence[int], steps: int) -> Timing:
+    """Time ``steps`` training steps (after one warm-up) and one whole-case inference of ``variant``."""
+    spec = load_task(TASK)
+    torch.manual_seed(0)
+    model = build_model(
+        variant.model, spec, widths=variant.widths, zero_fill_missing=variant.modality_dropout > 0
+    )
+    config = TrainConfig(
+        iterations=steps + 1,
+        optimizer=settings.optimizer,
+        lr=settings.lr,
+        region_names=list(spec.region_names),
+        device=settings.device,
+    )
+    patch = (settings.batch, len(spec.modality_names), *(settings.patch,) * 3)
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(patch, generator=generator)
+    target = (
+        torch.rand((settings.batch, len(spec.region_names), *patch[2:]), generator=generator) > 0.9
+    ).float()
+    batch = Batch(image, target)
+    trainer = Trainer(model, config, lambda _: batch)
+    trainer.step(batch)
+    _synchronize(settings.device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        trainer.step(batch)
+    _synchronize(settings.device)
+    step_s = (time.perf_counter() - started) / steps
+    model.eval()
+    volume = torch.randn((1, len(spec.modality_names), *case_shape), generator=generator)
+    tile = (settings.inference_patch,) * 3
+    sliding_window_probabilities(model, volume, spec.region_names, tile, device=trainer.device)  # warm-up
+    _synchronize(settings.device)
+    started = time.perf_counter()
+    sliding_window_probabilities(model, volume, spec.region_names, tile, device=trainer.device)
+    _synchronize(settings.device)
+    return Timing(step_s, time.perf_counter() - started)
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def budget(
+    settings: Settings,
+    main: Sequence[Variant],
+    robust: Sequence[Variant],
+    timings: dict[str, Timing],
+    validation_cases: int,
+) -> dict[str, Any]:
+    """Estimated seconds of a run, from per-model timings (keyed by variant key) and the overheads.
+
+    Per run: iterations x step + validations x validation cases x case inference + ``RUN_OVERHEAD_S``;
+    per main run the test cases x (case inference + ``PREDICT_OVERHEAD_S``); per robustness run
+    15 subsets x test cases x (case inference + ``SUBSET_OVERHEAD_S``) (an upper bound: a subset skips
+    segmentors); once the phantoms. Validations are ``iterations // validate_every`` per run.
+    """
+    seeds = len(settings.seeds)
+    validations = settings.iterations // settings.validate_every
+    subsets = len(modality_subsets(load_task(TASK).modality_names))
+    rows = {}
+    for variant, runs, robustness in [(v, seeds, False) for v in main] + [
+        (v, min(settings.robustness_seeds, seeds), True) for v in robust
+    ]:
+        timing = timings[variant.key]
+        parts = {
+            "train": runs * settings.iterations * timing.step_s,
+            "validation": runs * validations * validation_cases * timing.case_s,
+            "overhead": runs * RUN_OVERHEAD_S,
+            "prediction": 0.0
+            if robustness
+            else runs * settings.test_cases * (timing.case_s + PREDICT_OVERHEAD_S),
+            "robustness": runs * subsets * settings.test_cases * (timing.case_s + SUBSET_OVERHEAD_S)
+            if robustness
+            else 0.0,
+        }
+        rows[variant.key] = {
+            "runs": runs,
+            "step_s": timing.step_s,
+            "case_s": timing.case_s,
+            **{k: round(v, 1) for k, v in parts.items()},
+            "total": round(sum(parts.values()), 1),
+        }
+    phantoms = (settings.train_cases + settings.test_cases) * PHANTOM_S
+    total = phantoms + sum(row["total"] for row in rows.values())
+    return {"models": rows, "phantoms": round(phantoms, 1), "total_s": round(total, 1)}
+
+
+def budget_lines(estimate: dict[str, Any]) -> list[str]:
+    """The estimate as printable lines, one per model and a total."""
+    lines = []
+    for key, row in estimate["models"].items():
+        lines.append(
+            f"  {key:18s} {row['step_s']:.3f} s/step, {row['case_s']:.2f} s/case: {row['runs']} run(s), "
+            f"train {row['train']:.0f} s + validation {row['validation']:.0f} s + prediction "
+            f"{row['prediction']:.0f} s + robustness {row['robustness']:.0f} s + overhead "
+            f"{row['overhead']:.0f} s = {row['total'] / 60:.1f} min"
+        )
+    load = estimate.get("load_average")
+    busy = "" if load is None else f"; load average {load:g} on {os.cpu_count()} CPUs while timing"
+    lines.append(
+        f"  estimated total {estimate['total_s'] / 60:.1f} min (incl. {estimate['phantoms']:.0f} s of "
+        f"phantoms; timing the probe took {estimate.get('probe_s', 0):.0f} s{busy})"
+    )
+    return lines
+
+
+def estimate_run(
+    settings: Settings,
+    main: Sequence[Variant],
+    robust: Sequence[Variant],
+    test_case: Any,
+    validation_cases: int,
+) -> dict[str, Any]:
+    """Time every model on the shape of ``test_case`` preprocessed as the runs will, and :func:`budget`."""
+    started = time.perf_counter()
+    spec = load_task(TASK)
+    spacing = None if settings.target_spacing_mm is None else (settings.target_spacing_mm,) * 3
+    plan = plan_preprocessing([test_case], spec, spacing)
+    shape = tuple(np.asarray(preprocess_case(replace(test_case, label=None), spec, plan).image).shape[1:])
+    steps = 1 if settings.setting == "quick" else PROBE_STEPS
+    measured: dict[tuple[str, tuple[int, ...], bool], Timing] = {}
+    timings = {}
+    for variant in [*main, *robust]:
+        identity = (variant.model, variant.widths, variant.modality_dropout > 0)
+        if identity not in measured:
+            measured[identity] = probe_timing(variant, settings, shape, steps)
+        timings[variant.key] = measured[identity]
+    estimate = budget(settings, main, robust, timings, validation_cases)
+    estimate["load_average"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    estimate.update(
+        case_shape=list(shape), probe_steps=steps, probe_s=round(time.perf_counter() - started, 1)
+    )
+    return estimate
+
+
+# ------------------------------------------------------------------------------------------- runs
 
 
 def cost(model: str, widths: Sequence[int], patch: int) -> tuple[int, float]:
@@ -253,7 +716,7 @@ def cost(model: str, widths: Sequence[int], patch: int) -> tuple[int, float]:
 
     with torch.device("meta"):
         params = sum(p.numel() for p in build().parameters())
-    flops = speed.forward_flops(build, (1, len(spec.modality_names), patch, patch, patch))
+    flops = forward_flops(build, (1, len(spec.modality_names), patch, patch, patch))
     return params, flops / 1e9
 
 
@@ -266,59 +729,56 @@ def robustness_summary(result: RobustnessResult, seconds: float) -> dict[str, An
     return data
 
 
-def run_model(
-    model: str, settings: Settings, data: tuple[Path, Path], work: Path, progress: bool
-) -> tuple[ModelRow, dict[str, Any] | None]:
-    """Train, predict, evaluate (and the robustness table) for one model; its row and robustness."""
-    train_dir, test_dir = data
-    config = settings.demo_config(model)
+def train_run(
+    variant: Variant,
+    seed: int,
+    settings: Settings,
+    train_dir: Path,
+    splits: list[dict[str, list[str]]],
+    run_dir: Path,
+    progress: bool,
+) -> tuple[RunFolder, dict[str, Any]]:
+    """Train one (model, seed) on the study's split; the run folder and its record (curve, plateau)."""
     spec = load_task(TASK)
+    run = RunFolder(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run.splits_path, splits)  # the same cases for every seed (the run would use its seed)
     started = time.perf_counter()
-    # no validation: the fold's validation cases are unused, every model is scored on the test set
-    training = train_settings(config, train_dir, work / "runs" / model, progress, validation_cases=0)
-    if settings.target_spacing_mm is not None:
-        training = replace(training, target_spacing=(settings.target_spacing_mm,) * 3)
-    training = replace(training, modality_dropout=settings.modality_dropout)
-    run = train(training)
+    run = train(settings.train_settings(variant, seed, train_dir, run_dir, progress))
     train_s = time.perf_counter() - started
+    curve = validation_curve(read_log(run.fold_dir(0) / LOG_FILE), spec.region_names)
+    record = {
+        "key": variant.key,
+        "seed": seed,
+        "train_s": round(train_s, 1),
+        "curve": curve,
+        "plateau": plateau([c["iteration"] for c in curve], [c["mean"] for c in curve], settings.iterations),
+    }
+    return run, record
 
-    predictions = work / "predictions" / model
+
+def score_run(
+    run: RunFolder, record: dict[str, Any], settings: Settings, test_dir: Path, work: Path, progress: bool
+) -> None:
+    """Predict and score the test cases with ``run``; fills ``record`` (Dice, HD95, per case)."""
+    spec = load_task(TASK)
+    name = f"{record['key']}_seed{record['seed']}"
+    predictions = work / "predictions" / name
     started = time.perf_counter()
-    cases = predict_folder(run, test_dir, predictions, settings=inference_settings(config), progress=progress)
+    cases = predict_folder(run, test_dir, predictions, settings=settings.inference(), progress=progress)
     inference_s = time.perf_counter() - started
-
     evaluation = evaluate_folders(predictions, test_dir, spec)
-    evaluation.write(work / "metrics" / f"{model}.json", work / "metrics" / f"{model}.csv")
+    evaluation.write(work / "metrics" / f"{name}.json", work / "metrics" / f"{name}.csv")
     regions = evaluation.summary["regions"]
-    params, gflops = cost(model, config.widths, settings.patch)
-    split = json.loads(run.splits_path.read_text(encoding="utf-8"))[0]
-    row = ModelRow(
-        model=model,
-        widths=list(config.widths),
-        params=params,
-        fwd_gflops=round(gflops, 4),
-        dice={r: regions[r]["dice"]["mean"] for r in spec.region_names},
-        dice_std={r: regions[r]["dice"]["std"] for r in spec.region_names},
-        hd95={r: regions[r]["hd95"]["mean"] for r in spec.region_names},
-        hd95_std={r: regions[r]["hd95"]["std"] for r in spec.region_names},
-        mean_dice=float(sum(regions[r]["dice"]["mean"] for r in spec.region_names) / len(spec.region_names)),
-        train_s=round(train_s, 1),
-        inference_s=round(inference_s, 1),
-        inference_s_per_case=round(sum(c.seconds for c in cases) / max(1, len(cases)), 2),
-        n_train_cases=len(split["train"]),
-        cases={
-            case: {r: {m: values[r][m] for m in METRICS} for r in spec.region_names}
-            for case, values in evaluation.cases.items()
-        },
-    )
-    robustness = None
-    if model in settings.robustness_models:
-        started = time.perf_counter()
-        result = evaluate_robustness(run, test_dir, settings=inference_settings(config), progress=progress)
-        row.robustness_s = round(time.perf_counter() - started, 1)
-        result.write(work / "robustness" / model)
-        robustness = robustness_summary(result, row.robustness_s)
-    return row, robustness
+    record["dice"] = {r: regions[r]["dice"]["mean"] for r in spec.region_names}
+    record["dice"]["mean"] = float(np.mean([record["dice"][r] for r in spec.region_names]))
+    record["hd95"] = {r: regions[r]["hd95"]["mean"] for r in spec.region_names}
+    record["inference_s"] = round(inference_s, 1)
+    record["inference_s_per_case"] = round(sum(c.seconds for c in cases) / max(1, len(cases)), 2)
+    record["cases"] = {
+        case: {r: {m: values[r][m] for m in METRICS} for r in spec.region_names}
+        for case, values in evaluation.cases.items()
+    }
 
 
 def shapes_table(settings: Settings, run_shapes: bool, log: Callable[[str], None]) -> dict[str, Any]:
@@ -346,38 +806,110 @@ def _num(value: float | None, digits: int = 3) -> str:
     )
 
 
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:+.3f}"
+
+
+def _mean_std(mean: float | None, std: float | None, seeds: int) -> str:
+    if mean is None or math.isnan(mean):
+        return "n/a"
+    return f"{mean:.3f}" if seeds < 2 else f"{mean:.3f} ± {_num(std)}"
+
+
 def main_table(rows: Sequence[dict[str, Any]], regions: Sequence[str], patch: int) -> str:
-    """Markdown: Dice and HD95 per region, mean Dice, parameters, FLOPs and wall times per model."""
+    """Markdown: Dice (mean ± std over seeds) per region and mean, HD95, convergence and costs per model."""
     header = (
-        ["model", "widths", "params", f"GFLOP fwd 1x4x{patch}^3"]
+        ["model", "widths", "params", f"GFLOP fwd 1x4x{patch}^3", "seeds"]
         + [f"Dice {r}" for r in regions]
         + ["mean Dice"]
         + [f"HD95 {r} (mm)" for r in regions]
-        + ["train s", "inference s/case"]
+        + ["converged", "train s/seed", "inference s/case"]
     )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
+        seeds = len(row["seeds"])
+        converged = f"{'yes' if row['converged'] else 'no'} ({row['converged_seeds']}/{seeds})"
         cells = (
             [
-                row["model"],
+                row["label"],
                 "/".join(map(str, row["widths"])),
                 f"{row['params']:,}",
                 f"{row['fwd_gflops']:.3f}",
             ]
-            + [_num(row["dice"][r]) for r in regions]
-            + [f"**{_num(row['mean_dice'])}**"]
+            + [str(seeds)]
+            + [_mean_std(row["dice"][r], row["dice_std"][r], seeds) for r in regions]
+            + [f"**{_mean_std(row['dice']['mean'], row['dice_std']['mean'], seeds)}**"]
             + [_num(row["hd95"][r], 1) for r in regions]
-            + [f"{row['train_s']:.0f}", f"{row['inference_s_per_case']:.1f}"]
+            + [converged, f"{row['train_s']:.0f}", f"{row['inference_s_per_case']:.2f}"]
         )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def robustness_table(robustness: dict[str, dict[str, Any]], regions: Sequence[str]) -> str:
+def comparison_table(
+    comparisons: Sequence[dict[str, Any]], labels: dict[str, str], regions: Sequence[str]
+) -> str:
+    """Markdown: per pair the Dice difference with its 95 % interval and verdict, per region and mean."""
+    keys = [*regions, "mean"]
+    header = [
+        "difference",
+        "seeds",
+        "cases",
+        *(f"Δ Dice {k}" for k in keys),
+        "verdict (mean Dice)",
+        "both converged",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for comparison in comparisons:
+        cells = [f"{labels[comparison['a']]} - {labels[comparison['b']]}", str(len(comparison["seeds"]))]
+        cells.append(str(comparison["keys"]["mean"]["cases"]))
+        for key in keys:
+            value = comparison["keys"][key]
+            cells.append(
+                f"{_signed(value['estimate'])} [{_signed(value['low'])}, {_signed(value['high'])}] "
+                f"{value.get('verdict', 'n/a')}"
+            )
+        cells.append(f"**{comparison['keys']['mean'].get('verdict', 'n/a')}**")
+        cells.append("yes" if comparison.get("converged") else "no")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def convergence_table(runs: Sequence[dict[str, Any]], labels: dict[str, str]) -> str:
+    """Markdown: per run its validation mean-Dice curve, best, last-window mean, tail gain and verdict."""
+    header = [
+        "model",
+        "seed",
+        "validation mean Dice (iteration: value)",
+        "best",
+        "last 3 mean",
+        "tail gain",
+        "converged",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in runs:
+        curve = ", ".join(f"{c['iteration']}: {_num(c['mean'], 2)}" for c in run["curve"])
+        p = run["plateau"]
+        cells = [
+            labels.get(run["key"], run["key"]),
+            str(run["seed"]),
+            curve or "-",
+            _num(p["best"]),
+            _num(p["last_mean"]),
+            _num(p["tail_gain"]),
+            ("yes" if p["converged"] else f"no: {p['reason']}"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def robustness_table(
+    robustness: dict[str, dict[str, Any]], labels: dict[str, str], regions: Sequence[str]
+) -> str:
     """Markdown: one row per modality subset, per model the Dice of each region (n/a: not predictable)."""
     models = list(robustness)
     subsets = [subset_name(s) for s in modality_subsets(load_task(TASK).modality_names)]
-    header = ["modalities", *(f"{m} ({'/'.join(regions)})" for m in models)]
+    header = ["modalities", *(f"{labels.get(m, m)} ({'/'.join(regions)})" for m in models)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in subsets:
         cells = [name]
@@ -389,52 +921,104 @@ def robustness_table(robustness: dict[str, dict[str, Any]], regions: Sequence[st
     if any(averages):  # the mean over the subsets of each subset's Dice (DeMoSeg/mmFormer protocol)
         cells = [" / ".join(_num(a[r]["estimate"]) for r in regions) if a else "-" for a in averages]
         lines.append("| **subset average** | " + " | ".join(cells) + " |")
+        cells = [
+            f"{_num(a['mean']['estimate'])} [{_num(a['mean']['low'])}, {_num(a['mean']['high'])}]"
+            if a
+            else "-"
+            for a in averages
+        ]
+        lines.append("| **subset average, mean Dice [95 % CI]** | " + " | ".join(cells) + " |")
     notes = []
     for model in models:
         reasons = [row["note"] for row in robustness[model]["subsets"].values() if row["note"]]
         if reasons:
             notes.append(
-                f"- {model}: n/a on {len(reasons)} subsets, it cannot run on them (e.g. {reasons[-1]})"
+                f"- {labels.get(model, model)}: n/a on {len(reasons)} subsets, it cannot run on them "
+                f"(e.g. {reasons[-1]})"
             )
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def render_markdown(result: dict[str, Any]) -> str:
-    """results.md: environment, settings, the main table, the robustness table and ShapeComposition's."""
+    """results.md: environment, settings, the tables (main, differences, convergence, robustness, shapes)."""
     env, settings = result["environment"], result["settings"]
     regions = result["regions"]
     patch = settings["patch"]
     spacing = settings["target_spacing_mm"]
     resampled = "" if spacing is None else f", resampled to {spacing:g} mm for training and prediction"
+    labels = {v["key"]: v["label"] for v in result["variants"] + result["robustness_variants"]}
+    estimate = result.get("estimate") or {}
+    estimated = f" (estimated {estimate['total_s'] / 60:.0f} min)" if "total_s" in estimate else ""
+    seeds = ", ".join(map(str, settings["seeds"]))
     text = [
         f"# Accuracy at equal budget on the brain phantom ({settings['setting']} setting)",
         "",
         f"{hardware(env, settings['device'])}, torch {env['torch']}, "
         f"{env['torch_threads']} torch thread(s), device {settings['device']}; {env['date']}, "
-        f"commit {env['git_commit']}. Status: {result['status']}, total {result['total_s']:.0f} s.",
+        f"commit {env['git_commit']}. Status: {result['status']}, total {result['total_s'] / 60:.1f} min"
+        f"{estimated}.",
         "",
-        f"Same data and budget for every model: {settings['train_cases']} training phantoms (2 mm, "
-        f"MNI152 anatomy{resampled}; fold 0 of a 5-fold split trains, no validation, last checkpoint), "
-        f"{settings['iterations']} iterations of batch {settings['batch']} at {patch}^3, seed "
-        f"{settings['seed']}, modality dropout {settings.get('modality_dropout', 0.0):g}; "
-        f"{settings['test_cases']} held-out test phantoms predicted with "
-        f"{settings['inference_patch']}^3 tiles and scored by `ciml evaluate` (BraTS conventions). "
-        "Dice and HD95 are means over the test cases. FLOPs: one forward pass of one training patch "
-        "(convolutions and matrix products). Train s includes "
-        "preprocessing the training cases; inference s/case excludes loading the model.",
+        f"Same data and budget for every model and seed: {settings['train_cases']} training phantoms "
+        f"(2 mm, MNI152 anatomy{resampled}; fold 0 of one 5-fold split, made with data seed "
+        f"{settings['data_seed']}, trains, and up to {settings['max_validation_cases']} of its validation "
+        f"cases validate every {settings['validate_every']} iterations), {settings['iterations']} "
+        f"iterations of batch {settings['batch']} at {patch}^3, {settings['optimizer']} lr "
+        f"{settings['lr']:g} with poly decay, augmentation `{settings['augment']}`, training seeds {seeds}; "
+        f"{settings['test_cases']} held-out test phantoms predicted by the last checkpoint with "
+        f"{settings['inference_patch']}^3 tiles and the run's postprocessing, scored by `ciml evaluate` "
+        "(BraTS conventions). Dice: mean ± sample std over the seeds of each seed's mean over the test "
+        "cases; HD95: mean over seeds of the mean over cases. FLOPs: one forward pass of one training patch "
+        "(convolutions and matrix products). Train s includes the validations and preprocessing the "
+        "training cases; inference s/case excludes loading the model.",
+        "",
+        f"Converged: the run's validation mean Dice plateaued — the mean of the last {PLATEAU_WINDOW} "
+        f"validations is within {PLATEAU_TOLERANCE:g} of the best, and the last {PLATEAU_TAIL:.0%} of the "
+        f'iterations raised the best by less than {PLATEAU_TOLERANCE:g}; "yes" only when every seed did.',
         "",
         main_table(result["models"], regions, patch),
     ]
+    if result["comparisons"]:
+        samples = settings["bootstrap_samples"]
+        text += [
+            "",
+            "## Differences (paired bootstrap)",
+            "",
+            "Δ Dice = Dice(first) - Dice(second) [95 % interval]: per test case the difference is averaged "
+            f"over the seeds both models ran, then the cases are resampled with replacement ({samples} "
+            "seeded draws, percentile interval). It covers the choice of test cases for these seeds; the "
+            "seed-to-seed spread is the ± of the table above. **wins**: the interval lies above 0; "
+            "**loses**: below 0; **ties**: it contains 0.",
+            "",
+            comparison_table(result["comparisons"], labels, regions),
+        ]
+    if result["runs"]:
+        text += [
+            "",
+            "## Convergence",
+            "",
+            "Validation mean Dice of every run (whole validation cases, sliding window).",
+            "",
+            convergence_table(result["runs"], labels),
+        ]
     if result["robustness"]:
+        seeds_used = ", ".join(map(str, settings["seeds"][: settings["robustness_seeds"]]))
         text += [
             "",
             "## Missing modalities (`ciml robustness`)",
             "",
-            f"Dice per region on the {settings['test_cases']} test case(s) for every subset of the "
-            "modalities (absent channels zeroed, their segmentors skipped).",
+            f"Models trained again with modality dropout {settings['modality_dropout']:g} (a batch hides a "
+            "random proper subset of the modalities with that probability: CIML and the ensemble skip the "
+            "hidden segmentors, the joint U-Net sees them zero-filled), training seed(s) "
+            f"{seeds_used} only (the budget), otherwise as above. Dice per region on the "
+            f"{settings['test_cases']} test cases for every subset of the modalities (absent channels "
+            "zeroed, their segmentors skipped; no postprocessing). Subset average: the mean over the 15 "
+            "subsets, with its patient-level bootstrap interval.",
             "",
-            robustness_table(result["robustness"], regions),
+            robustness_table(result["robustness"], labels, regions),
         ]
+        curves = result["robustness_runs"]
+        if curves:
+            text += ["", convergence_table(curves, labels)]
     shapes = result.get("shapes")
     if shapes:
         text += ["", "## ShapeComposition", "", f"Source: {shapes['source']}."]
@@ -482,60 +1066,125 @@ def run_benchmark(
     progress: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run every model into ``work``; (re)write ``out/results.json`` and ``results.md`` after each.
+    """Run every (model, seed) into ``work``; (re)write ``out/results.json`` and ``results.md`` after each.
+
+    Order: for each seed every model of the main table, then the robustness runs, so that an
+    interrupted run keeps complete comparisons for the first seeds.
 
     Returns:
         The JSON-ready result.
     """
     started = time.perf_counter()
     spec = load_task(TASK)
+    main = study_variants(settings, models)
+    robust = robustness_variants(settings)
 
     def elapsed() -> str:
         return f"[{time.perf_counter() - started:7.1f} s]"
 
+    eq_widths, eq_flops, joint_flops = equal_flops_widths(settings.widths)
     result: dict[str, Any] = {
         "benchmark": "accuracy",
         "task": TASK,
         "status": "running",
         "environment": environment(settings.device),
-        "settings": asdict(settings),
+        "settings": {**asdict(settings), "validate_every": settings.validate_every},
+        "plateau_criterion": {"window": PLATEAU_WINDOW, "tolerance": PLATEAU_TOLERANCE, "tail": PLATEAU_TAIL},
+        "equal_flops": {"widths": list(eq_widths), "ciml_flops": eq_flops, "joint_flops": joint_flops},
         "models_requested": list(models),
         "regions": list(spec.region_names),
+        "variants": [],
+        "robustness_variants": [],
+        "estimate": None,
+        "runs": [],
         "models": [],
+        "comparisons": [],
+        "robustness_runs": [],
         "robustness": {},
         "shapes": None,
         "total_s": 0.0,
     }
+    for target, variants in (("variants", main), ("robustness_variants", robust)):
+        for variant in variants:
+            params, gflops = cost(variant.model, variant.widths, settings.patch)
+            result[target].append({**asdict(variant), "params": params, "fwd_gflops": round(gflops, 4)})
 
     def save(status: str) -> None:
         result["status"] = status
         result["total_s"] = round(time.perf_counter() - started, 1)
+        study_tables(result)
         write_json_atomic(out / "results.json", result)
         write_text_atomic(out / "results.md", render_markdown(result))
 
     log(f"{elapsed()} writing {settings.train_cases}+{settings.test_cases} brain phantoms into {work}")
-    data = write_phantoms(work / "data", settings.demo_config(models[0]), progress=progress)
-    check_phantoms(data, spec, log=log)
+    config = BrainDemoConfig(
+        train_cases=settings.train_cases, test_cases=settings.test_cases, seed=settings.data_seed
+    )
+    train_dir, test_dir = write_phantoms(work / "data", config, progress=progress)
+    check_phantoms((train_dir, test_dir), spec, log=log)
+    train_cases = read_dataset(train_dir, spec)
+    splits = make_splits(train_cases, FOLDS, settings.data_seed)
+    validation_cases = min(settings.max_validation_cases, len(splits[0]["val"]))
+    log(
+        f"{elapsed()} budget probe: timing {1 if settings.setting == 'quick' else PROBE_STEPS} training "
+        "steps and one case of every model"
+    )
+    result["estimate"] = estimate_run(
+        settings, main, robust, read_dataset(test_dir, spec)[0], validation_cases
+    )
+    for line in budget_lines(result["estimate"]):
+        log(line)
     result["shapes"] = shapes_table(settings, run_shapes, log)
     log(f"{elapsed()} shapes: {result['shapes']['source']}")
-    for index, model in enumerate(models, start=1):
-        widths = settings.demo_config(model).widths
+    save("running")
+
+    robust_seeds = settings.seeds[: settings.robustness_seeds]
+    jobs = [(v, s, False) for s in settings.seeds for v in main] + [
+        (v, s, True) for s in robust_seeds for v in robust
+    ]
+    for index, (variant, seed, robustness) in enumerate(jobs, start=1):
+        tag = f"{index}/{len(jobs)} {variant.key} seed {seed}"
         log(
-            f"{elapsed()} {index}/{len(models)} {model} {widths}: training {settings.iterations} iterations "
-            f"of {settings.batch}x4x{settings.patch}^3, predicting {settings.test_cases} case(s)"
-            + (", robustness" if model in settings.robustness_models else "")
+            f"{elapsed()} {tag} {variant.widths}: training {settings.iterations} iterations of "
+            f"{settings.batch}x4x{settings.patch}^3"
+            + (", 15-subset table" if robustness else f", predicting {settings.test_cases} case(s)")
         )
-        row, robustness = run_model(model, settings, data, work, progress)
-        result["models"].append(asdict(row))
-        if robustness is not None:
-            result["robustness"][model] = robustness
-        dice = ", ".join(f"{r} {_num(row.dice[r])}" for r in spec.region_names)
-        log(
-            f"{elapsed()} {index}/{len(models)} {model}: mean Dice {_num(row.mean_dice)} ({dice}); "
-            f"train {row.train_s:.0f} s, inference {row.inference_s:.0f} s"
-            + (f", robustness {row.robustness_s:.0f} s" if row.robustness_s is not None else "")
+        run_dir = work / "runs" / f"{variant.key}_seed{seed}"
+        run, record = train_run(variant, seed, settings, train_dir, splits, run_dir, progress)
+        verdict_text = (
+            "converged"
+            if record["plateau"]["converged"]
+            else f"not converged ({record['plateau']['reason']})"
         )
-        save(f"partial: {index} of {len(models)} models" if index < len(models) else "complete")
+        if robustness:
+            began = time.perf_counter()
+            scores = evaluate_robustness(
+                run,
+                test_dir,
+                settings=settings.inference(),
+                samples=settings.bootstrap_samples,
+                progress=progress,
+            )
+            seconds = time.perf_counter() - began
+            scores.write(work / "robustness" / variant.key)
+            result["robustness"][variant.key] = robustness_summary(scores, seconds)
+            result["robustness_runs"].append(record)
+            average = result["robustness"][variant.key]["average"]["mean"]["estimate"]
+            log(
+                f"{elapsed()} {tag}: {verdict_text}; subset-average mean Dice {_num(average)}; "
+                f"train {record['train_s']:.0f} s, robustness {seconds:.0f} s"
+            )
+        else:
+            score_run(run, record, settings, test_dir, work, progress)
+            result["runs"].append(record)
+            dice = ", ".join(f"{r} {_num(record['dice'][r])}" for r in spec.region_names)
+            log(
+                f"{elapsed()} {tag}: {verdict_text}; mean Dice {_num(record['dice']['mean'])} ({dice}); "
+                f"train {record['train_s']:.0f} s, inference {record['inference_s']:.0f} s"
+            )
+        save(f"partial: {index} of {len(jobs)} runs" if index < len(jobs) else "complete")
+    if not jobs:
+        save("complete")
     return result
 
 
@@ -553,24 +1202,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--models",
         default=",".join(ALL_MODELS),
-        help=f"comma-separated models (default: {','.join(ALL_MODELS)})",
+        help=f"comma-separated models of the main table (default: {','.join(ALL_MODELS)}; "
+        f"{EQUAL_FLOPS}: ciml at the joint U-Net's FLOPs)",
+    )
+    parser.add_argument(
+        "--seeds", default=None, help="comma-separated training seeds (default: cpu/gpu 0,1,2; quick 0)"
     )
     parser.add_argument(
         "--robustness",
         default=None,
-        help="comma-separated models that get the 15-subset table, or 'none' (default: of the trained "
-        f"models, cpu: {','.join(PRESETS['cpu'].robustness_models)}; "
-        f"gpu: {','.join(PRESETS['gpu'].robustness_models)})",
+        help="comma-separated models trained with modality dropout for the 15-subset table, or 'none' "
+        f"(default: {','.join(ROBUSTNESS_DEFAULT)}, those of them among --models)",
     )
-    parser.add_argument("--shapes", action="store_true", help="rerun ShapeComposition instead of reading it")
-    parser.add_argument("--iterations", type=int, default=None, help="override the preset's iterations")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the preset's)")
     parser.add_argument(
         "--modality-dropout",
         type=float,
         default=None,
         metavar="P",
-        help="train every model with modality dropout P (joint, segresnet: zero-filled; default 0)",
+        help="modality dropout of the robustness runs (default 0.5; joint, segresnet: zero-filled)",
+    )
+    parser.add_argument("--shapes", action="store_true", help="rerun ShapeComposition instead of reading it")
+    parser.add_argument("--iterations", type=int, default=None, help="override the preset's iterations")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the preset's)")
+    parser.add_argument(
+        "--estimate", action="store_true", help="only time every model and print the run's estimate"
     )
     parser.add_argument(
         "--out",
@@ -587,19 +1242,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _names(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
 def settings_from_args(args: argparse.Namespace) -> tuple[Settings, list[str]]:
     """The preset with the command line's overrides, and the models to run."""
     settings = PRESETS["quick" if args.quick else args.setting]
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    models = _names(args.models)
     if args.robustness is None:
         robustness = tuple(m for m in settings.robustness_models if m in models)
     elif args.robustness.strip() == "none":
         robustness = ()
     else:
-        robustness = tuple(m.strip() for m in args.robustness.split(",") if m.strip())
-        if missing := [m for m in robustness if m not in models]:
-            raise CimlError(f"--robustness {','.join(missing)}: not among --models")
+        robustness = tuple(_names(args.robustness))
     overrides: dict[str, Any] = {"robustness_models": robustness}
+    if args.seeds is not None:
+        try:
+            overrides["seeds"] = tuple(int(s) for s in _names(args.seeds))
+        except ValueError as error:
+            raise CimlError(f"--seeds {args.seeds}: give comma-separated integers") from error
     if args.iterations is not None:
         overrides["iterations"] = args.iterations
     if args.threads is not None:
@@ -607,6 +1269,21 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, list[str]]:
     if args.modality_dropout is not None:
         overrides["modality_dropout"] = args.modality_dropout
     return replace(settings, **overrides), models
+
+
+def estimate_only(settings: Settings, models: Sequence[str], work: Path) -> dict[str, Any]:
+    """``--estimate``: one test phantom, the budget probe, its lines printed; nothing else is written."""
+    spec = load_task(TASK)
+    config = BrainDemoConfig(train_cases=1, test_cases=1, seed=settings.data_seed)
+    _, test_dir = write_phantoms(work / "probe", config, progress=False)
+    validation_cases = min(settings.max_validation_cases, max(1, settings.train_cases // FOLDS))
+    estimate = estimate_run(
+        settings, study_variants(settings, models), robustness_variants(settings),
+        read_dataset(test_dir, spec)[0], validation_cases,
+    )  # fmt: skip
+    for line in budget_lines(estimate):
+        print(line, flush=True)
+    return estimate
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -617,7 +1294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_settings(settings, models)
         out = args.out or RESULTS_DIR / f"accuracy_{settings.setting}"
         existing = [str(out / name) for name in OUTPUT_NAMES if (out / name).exists()]
-        if existing and not args.overwrite:  # fail before an hour of training, not after
+        if existing and not args.overwrite and not args.estimate:  # fail before an hour, not after
             raise CimlError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
         if args.work is not None and args.work.exists() and any(args.work.iterdir()):
             raise CimlError(f"--work {args.work} is not empty; choose a new folder (nothing is deleted)")
@@ -625,6 +1302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.set_num_threads(settings.threads)
         work = args.work or (temporary := Path(tempfile.mkdtemp(prefix="ciml-accuracy-")))
         print(f"settings: {settings}\nmodels: {', '.join(models)}", flush=True)
+        if args.estimate:
+            estimate_only(settings, models, work)
+            return 0
         result = run_benchmark(
             settings, models, out, work, args.shapes, args.progress, lambda line: print(line, flush=True)
         )
@@ -639,7 +1319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = result["environment"]
     print(
         f"\n{hardware(env, settings.device)}, torch {env['torch']}, {env['torch_threads']} thread(s), "
-        f"commit {env['git_commit']}; {result['total_s']:.0f} s in all; wrote {out}\n"
+        f"commit {env['git_commit']}; {result['total_s']:.0f} s in all (estimated "
+        f"{result['estimate']['total_s']:.0f} s); wrote {out}\n"
     )
     print(main_table(result["models"], result["regions"], settings.patch))
     return 0

@@ -192,7 +192,21 @@ def _with_overall(dice: np.ndarray) -> np.ndarray:
     return np.concatenate([dice, dice.mean(axis=-1, keepdims=True)], axis=-1)
 
 
-def _interval(estimate: float, draws: np.ndarray, pairs: int = 0) -> Interval:
+def resample_weights(cases: int, samples: int, seed: int) -> np.ndarray:
+    """Case weights ``[1 + samples, cases]`` of a patient-level bootstrap: row 0 is the scored cases
+    (all 1), each further row how often a draw with replacement (one seeded generator) took each case.
+
+    A statistic that is a weighted mean over cases is then one matrix product for every draw at once.
+    """
+    if samples < 0:
+        raise EvaluationError(f"bootstrap samples must be >= 0, got {samples}")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, cases, size=(samples, cases))
+    return np.stack([np.ones(cases), *(np.bincount(d, minlength=cases) for d in draws)])
+
+
+def percentile_interval(estimate: float, draws: np.ndarray, pairs: int = 0) -> Interval:
+    """``estimate`` with the percentile interval (``CONFIDENCE``) of its bootstrap ``draws`` (NaN skipped)."""
     if math.isnan(estimate):
         return Interval(math.nan, math.nan, math.nan, pairs)
     draws = draws[~np.isnan(draws)]
@@ -258,12 +272,10 @@ def summarize_subsets(
             {k: nan for k in keys}, {m: {k: nan for k in keys} for m in modalities}, samples, seed
         )
     numerator, denominator = _ratio_parts(rows, regions, case_ids, aggregated)
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(case_ids), size=(samples, len(case_ids)))
-    weights = np.stack([np.ones(len(case_ids)), *(np.bincount(d, minlength=len(case_ids)) for d in draws)])
+    weights = resample_weights(len(case_ids), samples, seed)
     dice = _with_overall(_subset_dice(weights, numerator, denominator))  # [1 + samples, subset, key]
     average = dice.mean(axis=1)
-    summary = {k: _interval(average[0, i], average[1:, i]) for i, k in enumerate(keys)}
+    summary = {k: percentile_interval(average[0, i], average[1:, i]) for i, k in enumerate(keys)}
     subsets = [row.modalities for row in rows]
     contributions = {}
     for modality in modalities:
@@ -276,7 +288,7 @@ def summarize_subsets(
                 continue
             with_m, without = (list(t) for t in zip(*usable, strict=True))
             delta = (dice[:, with_m, i] - dice[:, without, i]).mean(axis=1)
-            per_key[key] = _interval(delta[0], delta[1:], len(usable))
+            per_key[key] = percentile_interval(delta[0], delta[1:], len(usable))
         contributions[modality] = per_key
     return SubsetSummary(summary, contributions, samples, seed)
 
