@@ -1,10 +1,11 @@
 """Speed of CIML against the joint U-Net, MONAI's DynUNet and SegResNet on BraTS, in one process.
 
 For each network, at the same patch: forward FLOPs (torch's FlopCounterMode, convolutions and matrix
-products only), milliseconds per training step (forward + CIML loss + backward + AdamW), peak memory of a
-training step and the time of sliding-window inference on one case (Gaussian blending, step 0.5). CIML's
-segmentor widths are searched so that its forward FLOPs match the joint U-Net's: the comparison is at
-equal arithmetic, so any gap is efficiency (narrow convolutions, many small kernels), not work.
+products only), milliseconds per training step (forward + CIML loss + backward + AdamW, built as
+`ciml train` builds it), peak memory of a training step and the time of sliding-window inference on
+one case (Gaussian blending, step 0.5). CIML's segmentor widths are searched so that its forward FLOPs
+match the joint U-Net's: the comparison is at equal arithmetic, so any gap is efficiency (narrow
+convolutions, many small kernels), not work.
 Ratios are to the joint U-Net measured in the same run, so they survive a busy or different machine.
 
     python benchmarks/speed.py                          # cuda if available: 128^3, batch 2, bf16
@@ -48,6 +49,7 @@ from ciml.inferers import SIGMA_SCALE, sliding_window_probabilities
 from ciml.losses import CIMLLoss
 from ciml.models import SegmentationOutput, build_model
 from ciml.tasks import TaskSpec, load_task
+from ciml.training import TrainConfig, make_optimizer
 from ciml.training.memory import LiveTensorBytes
 from ciml.training.planning import NNUNET_WIDTHS, forward_flops
 from ciml.training.planning import match_widths as match_ciml_widths
@@ -292,7 +294,7 @@ def measure_training(
     x = torch.randn(shape, device=device)
     target = (torch.rand((settings.batch, len(regions), *shape[2:]), device=device) > 0.5).float()
     loss_fn = CIMLLoss(regions, beta=settings.beta)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-4))
     model.train()
 
     def step() -> None:

@@ -243,8 +243,8 @@ def test_subset_prediction_is_the_forward_without_them_and_with_their_gates_clos
     absent = {"t1", "t2"}
     for gate_name, gate in model.gates.items():
         if gate_name.split("<-")[1] in absent:
-            gate.forward = lambda receiver, sender, closed=False, g=gate: type(g).forward(
-                g, receiver, sender, True
+            gate.forward = lambda receiver, sender, closed=False, noise=None, g=gate: type(g).forward(
+                g, receiver, sender, True, noise
             )
     with torch.no_grad(), model.per_segmentor():  # gate by gate, so the patched forwards run
         out = model(x)  # absent senders still compute, but their gates pass nothing

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ciml.models import CIMLNet, InformationGate, build_model, gaussian_bottleneck_kl
-from ciml.models.gate import bottleneck
+from ciml.models.gate import bottleneck, grouped_gates
 from ciml.tasks import load_task
 
 
@@ -162,3 +162,43 @@ def test_joint_refuses_missing_modalities() -> None:
     model = build_model("joint", "brats2020", widths=(4, 8), spatial_dims=2)
     with pytest.raises(CimlError, match="cannot run without t2"):
         model(torch.randn(1, 4, 8, 8), present=["flair", "t1", "t1ce"])
+
+
+def _noise_samples(recompute: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Closed gates (z = mu + sd * xi) from 3 senders into 3 receivers, rho set to copy each gate's z.
+
+    Returns z [P, L, samples] of the 6 gates (receiver-major), their batch prior mean and sd [P, L].
+    """
+    torch.manual_seed(0)
+    channels, latent = 4, 2  # each receiver's 2 gates x 2 latent channels fit its 4 message channels
+    gates = [InformationGate(channels, 3, message_channels=latent).train() for _ in range(6)]
+    for p, gate in enumerate(gates):
+        with torch.no_grad():
+            gate.project.weight.zero_()
+            gate.project.weight[2 * (p % 2) : 2 * (p % 2) + 2, :, 0, 0, 0] = torch.eye(latent)
+    senders = torch.randn(2, 3 * channels, 16, 16, 16) * 2 + 1
+    slots = [1, 2, 0, 2, 0, 1]  # receiver r hears the two other modalities
+    out = grouped_gates(gates, senders, senders, slots, closed=True, recompute=recompute)
+    z = out.messages.unflatten(1, (6, latent)).movedim(0, 2).flatten(2)  # [P, L, B * voxels]
+    by_slot = senders.unflatten(1, (3, channels))
+    values = [
+        gate.value(by_slot[:, slot]).transpose(0, 1).flatten(1)
+        for gate, slot in zip(gates, slots, strict=True)
+    ]
+    values = torch.stack(values).detach()
+    return z.detach(), values.mean(dim=2), values.std(dim=2)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_message_noise_is_the_prior_independent_per_receiver_and_shared_per_sender(recompute) -> None:
+    """eps = mu + sd * xi with one xi per sender: each gate's noise has its prior's mean and sd; the
+    messages into one receiver (different senders) have independent noise; a sender's gates to
+    different receivers scale the same xi."""
+    z, mean, std = _noise_samples(recompute)
+    torch.testing.assert_close(z.mean(dim=2), mean, atol=0.05 * std.max().item(), rtol=0)
+    torch.testing.assert_close(z.std(dim=2), std, rtol=0.03, atol=0)
+    xi = (z - mean[..., None]) / std[..., None]
+    for a, b in [(0, 1), (2, 3), (4, 5)]:  # the two gates into one receiver
+        assert torch.corrcoef(torch.stack([xi[a, 0], xi[b, 0]]))[0, 1].abs() < 0.05
+    for a, b in [(0, 5), (1, 3), (2, 4)]:  # one sender (1, 2, 0) to two receivers
+        torch.testing.assert_close(xi[a], xi[b], rtol=1e-4, atol=1e-4)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ciml.errors import CimlError
 from ciml.models.backbone import UNetDecoder, UNetEncoder
-from ciml.models.gate import InformationGate, grouped_gates
+from ciml.models.gate import InformationGate, grouped_gates, sender_noise
 from ciml.models.grouped import grouped_decode, grouped_encoder
 from ciml.models.interface import MissingModalities, SegmentationNetwork
 from ciml.models.output import SegmentationOutput
@@ -52,7 +52,8 @@ class CIMLNet(SegmentationNetwork):
         message_channels: channels of every gate's value v and latent z, one per level or one for all
             (capped at the level's width). Default: the features' own width (the original gate).
         recompute_gates: in the grouped form, recompute the gates' per-voxel tensors in backward
-            instead of keeping them (same values and gradients; see :func:`grouped_gates`).
+            instead of keeping them; the gates then keep only their noise (same values and gradients;
+            see :func:`grouped_gates`). ``False`` lets autograd keep them (the reference).
         deep_supervision: every decoder gets auxiliary heads (owned + fallback channels) at its coarser
             scales (:func:`~ciml.models.backbone.deep_supervision_levels`); in training mode their
             logits go to ``deep_logits`` / ``deep_fallback_logits``. Eval outputs are unchanged.
@@ -198,17 +199,22 @@ class CIMLNet(SegmentationNetwork):
         return_maps: bool,
         output: SegmentationOutput,
     ) -> None:
-        """The reference form: each segmentor and each gate as its own module call."""
+        """The reference form: each segmentor and each gate as its own module call.
+
+        The noise is drawn as the grouped form draws it (one xi per sender and level, in level order),
+        so both forms are the same model in training mode too.
+        """
         features = {
             m: self.encoders[m](x[:, i : i + 1]) for i, m in enumerate(self.modalities) if m in available
         }
+        noise = self._per_segmentor_noise(features)
         for receiver in self.decoders:
             if receiver not in available:
                 continue
             skips = list(features[receiver])
             for level in self.message_levels:
                 skips[level] = skips[level] + self._messages(
-                    level, receiver, features, close_gates, return_maps, output
+                    level, receiver, features, noise.get(level, {}), close_gates, return_maps, output
                 )
             self._record(receiver, *self.decoders[receiver].decode(skips, self._deep), output)
 
@@ -310,11 +316,25 @@ class CIMLNet(SegmentationNetwork):
             if deep:
                 output.deep_fallback_logits[segmentor] = [d[:, owned:] for d in deep]
 
+    def _per_segmentor_noise(
+        self, features: dict[str, list[torch.Tensor]]
+    ) -> dict[int, dict[str, torch.Tensor]]:
+        """While training, each present sender's xi per message level (see :func:`sender_noise`)."""
+        if not self.training or len(features) < 2 or not any(m in features for m in self.decoders):
+            return {}  # as the grouped form, which draws only when some message is sent
+        noise = {}
+        for level in self.message_levels:
+            like = next(iter(features.values()))[level]
+            xi = sender_noise(like, len(features), self.message_channels[level])
+            noise[level] = dict(zip(features, xi.unbind(1), strict=True))
+        return noise
+
     def _messages(
         self,
         level: int,
         receiver: str,
         features: dict[str, list[torch.Tensor]],
+        noise: dict[str, torch.Tensor],
         close_gates: bool,
         return_maps: bool,
         output: SegmentationOutput,
@@ -330,7 +350,7 @@ class CIMLNet(SegmentationNetwork):
             if sender not in features:
                 total = total + gate.silent_message(own)
                 continue
-            result = gate(own, features[sender][level], closed=close_gates)
+            result = gate(own, features[sender][level], closed=close_gates, noise=noise.get(sender))
             total = total + result.message
             output.kl_terms[key] = result.kl_map.mean()
             if return_maps:

@@ -1,5 +1,5 @@
 """Training: the loop, its schedule and the engine behind `ciml train` (checkpoints: :mod:`ciml.runs`)."""
 
-from ciml.training.loop import Batch, TrainConfig, Trainer, poly_lr
+from ciml.training.loop import Batch, TrainConfig, Trainer, make_optimizer, poly_lr
 
-__all__ = ["Batch", "TrainConfig", "Trainer", "poly_lr"]
+__all__ = ["Batch", "TrainConfig", "Trainer", "make_optimizer", "poly_lr"]
