@@ -99,6 +99,7 @@ from ciml.tasks import load_task
 from ciml.training.engine import TrainSettings, make_splits, train
 from ciml.training.loop import Batch, TrainConfig, Trainer
 from ciml.training.planning import forward_flops, match_widths
+from threads import cpu_model  # benchmarks/threads.py: one reader of the CPU's name
 
 BENCHMARKS = Path(__file__).resolve().parent
 RESULTS_DIR = BENCHMARKS / "results"
@@ -1028,17 +1029,6 @@ def render_markdown(result: dict[str, Any]) -> str:
 
 
 # -------------------------------------------------------------------------------------- environment
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def hardware(env: dict[str, Any], device: str) -> str:

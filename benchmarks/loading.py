@@ -42,6 +42,7 @@ from ciml.threads import usable_cpus
 from ciml.training import Batch, TrainConfig, Trainer
 from ciml.training.engine import CPU_DEFAULTS, GPU_DEFAULTS, PatchStream, TrainSettings
 from ciml.training.loading import BackgroundBatches, default_workers
+from threads import cpu_model  # benchmarks/threads.py, beside this script
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SPEC = load_task("brats2020")
@@ -113,14 +114,7 @@ def time_batches(cases, patch: Sequence[int], augment: str, count: int) -> float
 
 
 def environment() -> dict[str, Any]:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            model = next(
-                (line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model
-            )
-    except OSError:
-        pass
+    model = cpu_model()
     return {
         "hardware": f"{model}, {usable_cpus()} CPUs available ({os.cpu_count()} online), no GPU used",
         "torch_threads": torch.get_num_threads(),
