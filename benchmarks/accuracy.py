@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import platform
 import shutil
@@ -59,6 +60,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -175,6 +177,7 @@ class Settings:
     robustness_seeds: int = 1
     data_seed: int = 0
     bootstrap_samples: int = 2000
+    jobs: int = 1  # runs trained at once, each in its own process (wall time only: same numbers)
     note: str = ""
 
     @property
@@ -223,15 +226,15 @@ class Settings:
 
 
 PRESETS: dict[str, Settings] = {
-    # 3 mm: the cropped phantom brain (~50x58x51 voxels) fits one 64^3 tile, so a prediction costs one
-    # tile forward (at 2 mm a case needs 12 such tiles, or one 96^3 tile: ~4x the work), which is what
-    # lets 10 test cases, 10 validations per run and the 15-subset tables fit. Timed on the 2-core AMD
-    # EPYC box with one other process running (1 torch thread; s/step at 2x4x32^3, s per whole 3 mm
-    # case): ciml 0.88/1.55, ciml-beta0 1.02/1.48, ciml-nomsg 0.50/0.67, ensemble 0.39/0.58, joint
-    # 0.11/0.37, segresnet 0.16/0.67, ciml-flops (4/8/12) 0.51/1.04; with budget() that is ~81 min
-    # for 300 iterations (400 would be ~101 min), so 300 is the most the 90 minutes allow. Whether
-    # that converges is what the run measures: short probes (seed 0) did not plateau (joint: best
-    # validation mean Dice 0.44 at 300 iterations, 0.41 at 1000; ciml: 0.52 at 150, still rising).
+    # 2 mm, the phantoms' own spacing: at 3 mm the labels alone, resampled there and back, score ET
+    # Dice 0.69-0.77 against themselves (the enhancing rim is 1-2 voxels thick), and a joint U-Net
+    # reached mean Dice 0.47 there against 0.71 at 2 mm (seed 0, 300 iterations, 4 test cases). Tiles
+    # of 64^3 (12 per cropped case): one 112^3 tile per case is cheaper but its normalisation
+    # statistics differ so much from the 32^3 training patches' that the same joint U-Net fell to WT
+    # 0.24. Timed by the budget probe (1 torch thread, s/step at 2x4x32^3, s per whole case): ciml
+    # 0.53/9.9, ciml-beta0 0.48/10.5, ciml-nomsg 0.31/6.7, ensemble 0.35/7.9, joint 0.09/3.1,
+    # segresnet 0.11/6.3, ciml-flops 0.39/3.6; with 6 validations of 2 cases that is ~143 min of
+    # single-thread work, so two worker processes (one per core) finish in about 75-80 minutes.
     "cpu": Settings(
         setting="cpu",
         device="cpu",
@@ -246,8 +249,9 @@ PRESETS: dict[str, Settings] = {
         seeds=(0, 1, 2),
         robustness_models=ROBUSTNESS_DEFAULT,
         threads=1,
-        target_spacing_mm=3.0,
-        note="2 CPU cores, 1 torch thread; budget: at most 90 minutes",
+        validations=6,
+        jobs=2,
+        note="2 CPU cores: 2 worker processes, 1 torch thread each; budget: at most 90 minutes",
     ),
     # Not measured (no GPU was lent yet): the budget probe prints its estimate at the start.
     "gpu": Settings(
@@ -368,6 +372,10 @@ def check_settings(settings: Settings, models: Sequence[str]) -> None:
         raise CimlError("need at least 2 training cases (the run splits them) and 1 test case")
     if settings.iterations < 1 or settings.validations < 1:
         raise CimlError("need at least one iteration and one validation")
+    if settings.jobs < 1:
+        raise CimlError(f"--jobs must be at least 1, got {settings.jobs}")
+    if settings.jobs > 1 and settings.device == "cuda":
+        raise CimlError("--jobs > 1 shares one GPU between runs and distorts their timings; use --jobs 1")
     for widths in {settings.widths, settings.segresnet_widths}:
         divisor = 2 ** (len(widths) - 1)
         for name, size in (("patch", settings.patch), ("inference patch", settings.inference_patch)):
@@ -654,7 +662,28 @@ def budget(
         }
     phantoms = (settings.train_cases + settings.test_cases) * PHANTOM_S
     total = phantoms + sum(row["total"] for row in rows.values())
-    return {"models": rows, "phantoms": round(phantoms, 1), "total_s": round(total, 1)}
+    runs = [row["total"] / row["runs"] for row in rows.values() for _ in range(row["runs"])]
+    return {
+        "models": rows,
+        "phantoms": round(phantoms, 1),
+        "total_s": round(total, 1),
+        "jobs": settings.jobs,
+        "wall_s": round(phantoms + makespan(runs, settings.jobs), 1),
+    }
+
+
+def makespan(seconds: Sequence[float], workers: int) -> float:
+    """Wall time of runs handed, longest first, each to the worker that frees up first."""
+    free = [0.0] * max(1, workers)
+    for duration in sorted(seconds, reverse=True):
+        free[free.index(min(free))] += duration
+    return max(free)
+
+
+def longest_first(jobs: Sequence[Job], estimate: dict[str, Any]) -> list[Job]:
+    """``jobs`` by estimated duration, longest first (what :func:`makespan` assumes)."""
+    rows = estimate["models"]
+    return sorted(jobs, key=lambda job: -rows[job.variant.key]["total"] / rows[job.variant.key]["runs"])
 
 
 def budget_lines(estimate: dict[str, Any]) -> list[str]:
@@ -669,9 +698,12 @@ def budget_lines(estimate: dict[str, Any]) -> list[str]:
         )
     load = estimate.get("load_average")
     busy = "" if load is None else f"; load average {load:g} on {os.cpu_count()} CPUs while timing"
+    jobs = estimate.get("jobs", 1)
+    parallel = f", {estimate['wall_s'] / 60:.1f} min wall in {jobs} worker processes" if jobs > 1 else ""
     lines.append(
-        f"  estimated total {estimate['total_s'] / 60:.1f} min (incl. {estimate['phantoms']:.0f} s of "
-        f"phantoms; timing the probe took {estimate.get('probe_s', 0):.0f} s{busy})"
+        f"  estimated total {estimate['total_s'] / 60:.1f} min{parallel} (incl. "
+        f"{estimate['phantoms']:.0f} s of phantoms; timing the probe took "
+        f"{estimate.get('probe_s', 0):.0f} s{busy})"
     )
     return lines
 
@@ -780,6 +812,70 @@ def score_run(
         case: {r: {m: values[r][m] for m in METRICS} for r in spec.region_names}
         for case, values in evaluation.cases.items()
     }
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run of the study: the ``index``-th of ``total``."""
+
+    index: int
+    total: int
+    variant: Variant
+    seed: int
+    robustness: bool
+
+
+def run_job(
+    job: Job,
+    settings: Settings,
+    train_dir: Path,
+    test_dir: Path,
+    splits: list[dict[str, list[str]]],
+    work: Path,
+    progress: bool,
+    started_wall: float,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Job, dict[str, Any], dict[str, Any] | None, str]:
+    """Train ``job`` and score it (test cases, or the 15 subsets); a worker process's whole task.
+
+    Returns the job, its run record, its robustness summary (robustness runs only) and the line that
+    reports it. ``log`` (in-process runs) or stdout (workers) gets the line that starts it.
+    """
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    variant, seed = job.variant, job.seed
+    tag = f"{job.index}/{job.total} {variant.key} seed {seed}"
+    line = (
+        f"[{time.time() - started_wall:7.1f} s] {tag} {variant.widths}: training {settings.iterations} "
+        f"iterations of {settings.batch}x4x{settings.patch}^3"
+        + (", 15-subset table" if job.robustness else f", predicting {settings.test_cases} case(s)")
+    )
+    (log or (lambda text: print(text, flush=True)))(line)
+    run_dir = work / "runs" / f"{variant.key}_seed{seed}"
+    run, record = train_run(variant, seed, settings, train_dir, splits, run_dir, progress)
+    plateaued = record["plateau"]
+    verdict_text = "converged" if plateaued["converged"] else f"not converged ({plateaued['reason']})"
+    if not job.robustness:
+        score_run(run, record, settings, test_dir, work, progress)
+        dice = ", ".join(f"{r} {_num(record['dice'][r])}" for r in load_task(TASK).region_names)
+        report = (
+            f"{tag}: {verdict_text}; mean Dice {_num(record['dice']['mean'])} ({dice}); "
+            f"train {record['train_s']:.0f} s, inference {record['inference_s']:.0f} s"
+        )
+        return job, record, None, report
+    began = time.perf_counter()
+    scores = evaluate_robustness(
+        run, test_dir, settings=settings.inference(), samples=settings.bootstrap_samples, progress=progress
+    )
+    seconds = time.perf_counter() - began
+    scores.write(work / "robustness" / variant.key)
+    summary = robustness_summary(scores, seconds)
+    average = summary["average"]["mean"]["estimate"]
+    report = (
+        f"{tag}: {verdict_text}; subset-average mean Dice {_num(average)}; "
+        f"train {record['train_s']:.0f} s, robustness {seconds:.0f} s"
+    )
+    return job, record, summary, report
 
 
 def shapes_table(settings: Settings, run_shapes: bool, log: Callable[[str], None]) -> dict[str, Any]:
@@ -1065,6 +1161,7 @@ def run_benchmark(
         The JSON-ready result.
     """
     started = time.perf_counter()
+    started_wall = time.time()  # the workers' clock too
     spec = load_task(TASK)
     main = study_variants(settings, models)
     robust = robustness_variants(settings)
@@ -1132,47 +1229,37 @@ def run_benchmark(
     jobs = [(v, s, False) for s in settings.seeds for v in main] + [
         (v, s, True) for s in robust_seeds for v in robust
     ]
-    for index, (variant, seed, robustness) in enumerate(jobs, start=1):
-        tag = f"{index}/{len(jobs)} {variant.key} seed {seed}"
-        log(
-            f"{elapsed()} {tag} {variant.widths}: training {settings.iterations} iterations of "
-            f"{settings.batch}x4x{settings.patch}^3"
-            + (", 15-subset table" if robustness else f", predicting {settings.test_cases} case(s)")
-        )
-        run_dir = work / "runs" / f"{variant.key}_seed{seed}"
-        run, record = train_run(variant, seed, settings, train_dir, splits, run_dir, progress)
-        verdict_text = (
-            "converged"
-            if record["plateau"]["converged"]
-            else f"not converged ({record['plateau']['reason']})"
-        )
-        if robustness:
-            began = time.perf_counter()
-            scores = evaluate_robustness(
-                run,
-                test_dir,
-                settings=settings.inference(),
-                samples=settings.bootstrap_samples,
-                progress=progress,
-            )
-            seconds = time.perf_counter() - began
-            scores.write(work / "robustness" / variant.key)
-            result["robustness"][variant.key] = robustness_summary(scores, seconds)
-            result["robustness_runs"].append(record)
-            average = result["robustness"][variant.key]["average"]["mean"]["estimate"]
-            log(
-                f"{elapsed()} {tag}: {verdict_text}; subset-average mean Dice {_num(average)}; "
-                f"train {record['train_s']:.0f} s, robustness {seconds:.0f} s"
-            )
-        else:
-            score_run(run, record, settings, test_dir, work, progress)
-            result["runs"].append(record)
-            dice = ", ".join(f"{r} {_num(record['dice'][r])}" for r in spec.region_names)
-            log(
-                f"{elapsed()} {tag}: {verdict_text}; mean Dice {_num(record['dice']['mean'])} ({dice}); "
-                f"train {record['train_s']:.0f} s, inference {record['inference_s']:.0f} s"
-            )
-        save(f"partial: {index} of {len(jobs)} runs" if index < len(jobs) else "complete")
+    tasks = [
+        Job(index, len(jobs), variant, seed, robustness)
+        for index, (variant, seed, robustness) in enumerate(jobs, start=1)
+    ]
+    if settings.jobs > 1:
+        tasks = longest_first(tasks, result["estimate"])
+    arguments = [(job, settings, train_dir, test_dir, splits, work) for job in tasks]
+    finished: dict[int, tuple[Job, dict[str, Any], dict[str, Any] | None]] = {}
+
+    def collect(job: Job, record: dict[str, Any], robustness: dict[str, Any] | None, line: str) -> None:
+        finished[job.index] = (job, record, robustness)
+        log(f"{elapsed()} {line}")
+        order = sorted(finished)
+        result["runs"] = [finished[i][1] for i in order if not finished[i][0].robustness]
+        result["robustness_runs"] = [finished[i][1] for i in order if finished[i][0].robustness]
+        result["robustness"] = {
+            finished[i][0].variant.key: finished[i][2] for i in order if finished[i][0].robustness
+        }
+        done = len(finished)
+        save(f"partial: {done} of {len(jobs)} runs" if done < len(jobs) else "complete")
+
+    if settings.jobs > 1 and len(jobs) > 1:
+        log(f"{elapsed()} {len(jobs)} runs in {settings.jobs} worker processes (1 torch thread each)")
+        context = multiprocessing.get_context("spawn")  # no forked OpenMP state
+        with ProcessPoolExecutor(settings.jobs, mp_context=context) as pool:
+            futures = [pool.submit(run_job, *args, False, started_wall) for args in arguments]
+            for future in as_completed(futures):
+                collect(*future.result())
+    else:
+        for args in arguments:
+            collect(*run_job(*args, progress, started_wall, log))
     if not jobs:
         save("complete")
     return result
@@ -1215,6 +1302,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=None, help="override the preset's iterations")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the preset's)")
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs trained at once in worker processes (default: cpu 2, one per core; gpu and quick 1)",
+    )
+    parser.add_argument(
         "--estimate", action="store_true", help="only time every model and print the run's estimate"
     )
     parser.add_argument(
@@ -1256,6 +1349,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, list[str]]:
         overrides["iterations"] = args.iterations
     if args.threads is not None:
         overrides["threads"] = args.threads
+    if args.jobs is not None:
+        overrides["jobs"] = args.jobs
     if args.modality_dropout is not None:
         overrides["modality_dropout"] = args.modality_dropout
     return replace(settings, **overrides), models
