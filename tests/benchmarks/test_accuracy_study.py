@@ -203,7 +203,7 @@ def test_the_budget_adds_training_validation_prediction_and_robustness() -> None
     ciml = estimate["models"]["ciml"]
     assert ciml["runs"] == 3
     assert ciml["train"] == pytest.approx(3 * 300 * 1.0)
-    assert ciml["validation"] == pytest.approx(3 * 10 * 2 * 2.0)
+    assert ciml["validation"] == pytest.approx(3 * 6 * 2 * 2.0)  # 6 validations of 2 cases per run
     assert ciml["prediction"] == pytest.approx(3 * 10 * (2.0 + accuracy.PREDICT_OVERHEAD_S))
     assert ciml["robustness"] == 0.0
     dropout = estimate["models"]["ciml+dropout"]
@@ -212,7 +212,33 @@ def test_the_budget_adds_training_validation_prediction_and_robustness() -> None
     phantoms = 22 * accuracy.PHANTOM_S
     runs = sum(row["total"] for row in estimate["models"].values())
     assert estimate["total_s"] == pytest.approx(phantoms + runs)
+    assert estimate["jobs"] == 2 and estimate["wall_s"] < estimate["total_s"]
     assert "estimated total" in accuracy.budget_lines(estimate)[-1]
+    assert "in 2 worker processes" in accuracy.budget_lines(estimate)[-1]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "workers", "wall"),
+    [
+        ([5.0, 3.0, 3.0, 2.0, 2.0, 1.0], 2, 8.0),  # {5, 2, 1} and {3, 3, 2}
+        ([5.0, 3.0, 3.0, 2.0, 2.0, 1.0], 1, 16.0),
+        ([1.0, 1.0, 10.0], 2, 10.0),  # one long run is the floor, wherever it was listed
+        ([4.0], 3, 4.0),
+        ([], 2, 0.0),
+    ],
+)
+def test_the_wall_time_hands_the_longest_runs_out_first(seconds: list, workers: int, wall: float) -> None:
+    assert accuracy.makespan(seconds, workers) == pytest.approx(wall)
+
+
+def test_runs_are_handed_out_longest_first_by_their_estimate() -> None:
+    settings = accuracy.PRESETS["cpu"]
+    variants = {v.key: v for v in accuracy.study_variants(settings, ["ciml", "joint"])}
+    jobs = [
+        accuracy.Job(i, 3, variants[key], 0, False) for i, key in enumerate(["joint", "ciml", "joint"], 1)
+    ]
+    estimate = {"models": {"ciml": {"total": 30.0, "runs": 3}, "joint": {"total": 6.0, "runs": 3}}}
+    assert [job.index for job in accuracy.longest_first(jobs, estimate)] == [2, 1, 3]
 
 
 # ----------------------------------------------------------------------------------------- settings
@@ -229,8 +255,8 @@ def test_every_model_gets_the_same_recipe_and_the_equal_flops_row_narrower_width
     for training in trained:
         assert (training.optimizer, training.lr, training.seed) == ("adamw", 1e-2, 2)
         assert training.iterations == 300 and training.patch_size == (32, 32, 32)
-        assert training.augment == "mirror" and training.validate_every == 30
-        assert training.target_spacing == (3.0, 3.0, 3.0) and training.modality_dropout == 0.0
+        assert training.augment == "mirror" and training.validate_every == 50
+        assert training.target_spacing is None and training.modality_dropout == 0.0  # the phantoms' 2 mm
     robust = {v.key: v for v in accuracy.robustness_variants(settings)}
     assert set(robust) == {"ciml+dropout", "ensemble+dropout", "joint+dropout"}
     assert "zero-filled" in robust["joint+dropout"].label
@@ -247,3 +273,6 @@ def test_seeds_are_parsed_and_duplicates_refused(capsys: pytest.CaptureFixture) 
     assert "--seeds" in capsys.readouterr().err
     assert accuracy.main(["--quick", "--seeds", "a", "--out", "/nonexistent/x"]) == 1
     assert "integers" in capsys.readouterr().err
+    assert accuracy.settings_from_args(accuracy.parse_args(["--setting", "cpu"]))[0].jobs == 2
+    assert accuracy.main(["--quick", "--jobs", "0", "--out", "/nonexistent/x"]) == 1
+    assert "--jobs" in capsys.readouterr().err
