@@ -1045,7 +1045,14 @@ def render_markdown(result: dict[str, Any]) -> str:
     resampled = "" if spacing is None else f", resampled to {spacing:g} mm for training and prediction"
     labels = {v["key"]: v["label"] for v in result["variants"] + result["robustness_variants"]}
     estimate = result.get("estimate") or {}
-    estimated = f" (estimated {estimate['total_s'] / 60:.0f} min)" if "total_s" in estimate else ""
+    estimated = ""
+    if estimate.get("jobs", 1) > 1:
+        estimated = (
+            f" (estimated {estimate['wall_s'] / 60:.0f} min in {estimate['jobs']} worker processes, "
+            f"{estimate['total_s'] / 60:.0f} min of runs)"
+        )
+    elif "total_s" in estimate:
+        estimated = f" (estimated {estimate['total_s'] / 60:.0f} min)"
     seeds = ", ".join(map(str, settings["seeds"]))
     text = [
         f"# Accuracy at equal budget on the brain phantom ({settings['setting']} setting)",
