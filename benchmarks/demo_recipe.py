@@ -50,6 +50,8 @@ class Variant:
     lr: float = 1e-2
     iterations: int = 300
     foreground_fraction: float = 1 / 3
+    widths: tuple[int, ...] = BrainDemoConfig.widths
+    deep_supervision: bool = False
 
 
 VARIANTS = {
@@ -63,6 +65,12 @@ VARIANTS = {
     "adamw-1e-2-300-fg0.66": Variant(foreground_fraction=2 / 3),
     "joint-adamw-1e-3-150": Variant(model="joint", lr=1e-3, iterations=150),
     "joint-adamw-1e-2-150": Variant(model="joint", iterations=150),
+    # Deep supervision needs 4 levels (nnU-Net heads every decoder level but the two lowest): with
+    # widths 8/16/32/64 one auxiliary head at half resolution, weights 2/3 and 1/3.
+    "4-levels": Variant(widths=(8, 16, 32, 64)),
+    "4-levels-ds": Variant(widths=(8, 16, 32, 64), deep_supervision=True),
+    "joint-4-levels": Variant(model="joint", widths=(8, 16, 32, 64)),
+    "joint-4-levels-ds": Variant(model="joint", widths=(8, 16, 32, 64), deep_supervision=True),
 }
 
 
@@ -75,6 +83,7 @@ def run_variant(name: str, seed: int, data: Path, work: Path, quick: bool) -> di
         optimizer=variant.optimizer,
         lr=variant.lr,
         iterations=3 if quick else variant.iterations,
+        widths=variant.widths,
         seed=seed,
         device="cpu",
     )
@@ -82,6 +91,7 @@ def run_variant(name: str, seed: int, data: Path, work: Path, quick: bool) -> di
     settings = replace(
         train_settings(config, data / "train", out / "run", progress=False),
         foreground_fraction=variant.foreground_fraction,
+        deep_supervision=variant.deep_supervision,
     )
     started = time.perf_counter()
     run = train(settings)
