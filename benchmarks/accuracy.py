@@ -31,12 +31,14 @@ subsets. Last comes the ShapeComposition table: the committed
 benchmarks/results/shapecomposition/results.json, or a fresh run with ``--shapes``.
 
 Before training, a budget probe times a few training steps and one whole-case inference of every model
-and prints the estimated wall time of the run (``--estimate``: only that).
+and prints the estimated wall time of the run (``--estimate``: only that). With ``--jobs N`` (the cpu
+preset: 2, one per core) N runs train at once in worker processes of one torch thread each, handed out
+longest first; each run's numbers are the same as in one process (the same seed, one thread).
 
-    python benchmarks/accuracy.py --setting cpu    # 2 CPU cores, 1 torch thread: at most 90 minutes
+    python benchmarks/accuracy.py --setting cpu    # 2 CPU cores, 2 worker processes of 1 thread: 56 minutes
     python benchmarks/accuracy.py --setting gpu    # a lent H100/H200
     python benchmarks/accuracy.py --quick --out /tmp/accuracy   # smoke test, about a minute
-    python benchmarks/accuracy.py --setting cpu --estimate      # the budget probe only (~1 minute)
+    python benchmarks/accuracy.py --setting cpu --estimate      # the budget probe only (~3 minutes)
     python benchmarks/accuracy.py --setting cpu --models ciml,joint --seeds 0 --out /tmp/accuracy_two
 
 Writes ``results.json`` (environment, settings, estimate, every run with its validation curve and
