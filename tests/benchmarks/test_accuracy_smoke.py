@@ -115,3 +115,23 @@ def test_estimate_only_times_every_model_and_writes_no_results(
     printed = capsys.readouterr().out
     assert "  joint " in printed and "estimated total" in printed and "+dropout" not in printed
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_runs_in_two_worker_processes_give_the_numbers_of_one_process(tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    results = {}
+    try:
+        for jobs in (1, 2):
+            out = tmp_path / f"jobs{jobs}"
+            args = ["--quick", "--models", "ciml,joint", "--robustness", "none", "--jobs", str(jobs)]
+            assert accuracy.main([*args, "--out", str(out), "--work", str(tmp_path / f"work{jobs}")]) == 0
+            results[jobs] = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    finally:
+        torch.set_num_threads(threads)
+    one, two = results[1], results[2]
+    assert two["status"] == "complete" and two["settings"]["jobs"] == 2
+    assert [run["key"] for run in two["runs"]] == ["ciml", "joint"]  # the study's order, not finishing order
+    for alone, pooled in zip(one["runs"], two["runs"], strict=True):
+        assert pooled["curve"] == alone["curve"] and pooled["cases"] == alone["cases"], alone["key"]
+    assert two["comparisons"][0]["keys"] == one["comparisons"][0]["keys"]
