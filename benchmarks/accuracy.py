@@ -915,6 +915,15 @@ def _mean_std(mean: float | None, std: float | None, seeds: int) -> str:
     return f"{mean:.3f}" if seeds < 2 else f"{mean:.3f} ± {_num(std)}"
 
 
+def _table_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _table_head(header: Sequence[str]) -> list[str]:
+    """A markdown table's header and separator lines."""
+    return [_table_row(header), "|" + "---|" * len(header)]
+
+
 def main_table(rows: Sequence[dict[str, Any]], regions: Sequence[str], patch: int) -> str:
     """Markdown: Dice (mean ± std over seeds) per region and mean, HD95, convergence and costs per model."""
     header = (
@@ -924,7 +933,7 @@ def main_table(rows: Sequence[dict[str, Any]], regions: Sequence[str], patch: in
         + [f"HD95 {r} (mm)" for r in regions]
         + ["converged", "train s/seed", "inference s/case"]
     )
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = _table_head(header)
     for row in rows:
         seeds = len(row["seeds"])
         converged = f"{'yes' if row['converged'] else 'no'} ({row['converged_seeds']}/{seeds})"
@@ -941,7 +950,7 @@ def main_table(rows: Sequence[dict[str, Any]], regions: Sequence[str], patch: in
             + [_num(row["hd95"][r], 1) for r in regions]
             + [converged, f"{row['train_s']:.0f}", f"{row['inference_s_per_case']:.2f}"]
         )
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_table_row(cells))
     return "\n".join(lines)
 
 
@@ -958,7 +967,7 @@ def comparison_table(
         "verdict (mean Dice)",
         "both converged",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = _table_head(header)
     for comparison in comparisons:
         cells = [f"{labels[comparison['a']]} - {labels[comparison['b']]}", str(len(comparison["seeds"]))]
         cells.append(str(comparison["keys"]["mean"]["cases"]))
@@ -970,7 +979,7 @@ def comparison_table(
             )
         cells.append(f"**{comparison['keys']['mean'].get('verdict', 'n/a')}**")
         cells.append("yes" if comparison.get("converged") else "no")
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_table_row(cells))
     return "\n".join(lines)
 
 
@@ -985,7 +994,7 @@ def convergence_table(runs: Sequence[dict[str, Any]], labels: dict[str, str]) ->
         "tail gain",
         "converged",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = _table_head(header)
     for run in runs:
         curve = ", ".join(f"{c['iteration']}: {_num(c['mean'], 2)}" for c in run["curve"])
         p = run["plateau"]
@@ -998,7 +1007,7 @@ def convergence_table(runs: Sequence[dict[str, Any]], labels: dict[str, str]) ->
             _num(p["tail_gain"]),
             ("yes" if p["converged"] else f"no: {p['reason']}"),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_table_row(cells))
     return "\n".join(lines)
 
 
@@ -1009,13 +1018,13 @@ def robustness_table(
     models = list(robustness)
     subsets = [subset_name(s) for s in modality_subsets(load_task(TASK).modality_names)]
     header = ["modalities", *(f"{labels.get(m, m)} ({'/'.join(regions)})" for m in models)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = _table_head(header)
     for name in subsets:
         cells = [name]
         for model in models:
             row = robustness[model]["subsets"].get(name)
             cells.append("-" if row is None else " / ".join(_num(row["dice"][r]) for r in regions))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_table_row(cells))
     averages = [robustness[m].get("average") for m in models]
     if any(averages):  # the mean over the subsets of each subset's Dice (DeMoSeg/mmFormer protocol)
         cells = [" / ".join(_num(a[r]["estimate"]) for r in regions) if a else "-" for a in averages]
