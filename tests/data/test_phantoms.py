@@ -84,6 +84,24 @@ def test_brats_affine_matches_brats_files():
     np.testing.assert_allclose(lo2[:2], lo1[:2])
     np.testing.assert_allclose(hi2[:2], hi1[:2])
     assert lo2[2] == lo1[2]
+    affine3, shape3 = brats_affine(3.0)
+    assert shape3 == (80, 80, 52)
+    lo3, hi3 = _world_box(shape3, affine3)
+    np.testing.assert_allclose(lo3[:2], lo1[:2])
+    np.testing.assert_allclose(hi3[:2], hi1[:2])
+
+
+def test_brats_3mm_case_keeps_every_label_and_the_brain_volume_of_2mm():
+    """At 3 mm the tumour is drawn on the coarse grid itself (no resampled labels): every label is present,
+    and the brain has the volume it has at 2 mm."""
+    fine = brats_phantom_case(seed=0, index=1, spacing_mm=2.0)
+    coarse = brats_phantom_case(seed=0, index=1, spacing_mm=3.0)
+    assert coarse.label.shape == (80, 80, 52)
+    assert set(np.unique(coarse.label)) == {0, 1, 2, 4}
+    np.testing.assert_allclose(np.abs(np.diag(coarse.affines["label"])[:3]), 3.0)
+    brain_fine = 8.0 * float(np.sum(sum(fine.tissue.values())))
+    brain_coarse = 27.0 * float(np.sum(sum(coarse.tissue.values())))
+    assert 0.8 < brain_coarse / brain_fine < 1.25  # the same anatomy, in mm^3, up to pose and scale
 
 
 def test_brats_layout_and_files(brats_dir, brats_case):

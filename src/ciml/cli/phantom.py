@@ -40,11 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--spacing",
         type=float,
-        choices=[1.0, 2.0],
+        choices=[1.0, 2.0, 3.0],
         default=None,
-        metavar="{1,2}",
-        help="brats only: voxel size in mm; 1 = BraTS's 240x240x155 grid, 2 = 120x120x78, 8x less work "
-        "(default: 1)",
+        metavar="{1,2,3}",
+        help="brats only: voxel size in mm; 1 = BraTS's 240x240x155 grid, 2 = 120x120x78 (8x less work), "
+        "3 = 80x80x52 (27x less) (default: 1)",
     )
     add_overwrite(
         parser,

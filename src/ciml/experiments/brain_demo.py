@@ -47,18 +47,26 @@ class BrainDemoConfig:
     #: converged (benchmarks/results/demo_recipe.md compares optimizers and rates).
     optimizer: str = "adamw"
     lr: float = 1e-2
+    #: The phantoms' voxel size (1, 2 or 3 mm); training and prediction run at it.
+    spacing_mm: float = 2.0
 
 
 def write_phantoms(data_dir: Path, config: BrainDemoConfig, progress: bool = True) -> tuple[Path, Path]:
-    """Write the training and the held-out test phantoms (2 mm) under ``data_dir``.
+    """Write the training and the held-out test phantoms (``config.spacing_mm``) under ``data_dir``.
 
     Returns:
         The folders ``data_dir/train`` and ``data_dir/test`` (cases numbered from 1 and from 901).
     """
     train_dir, test_dir = data_dir / "train", data_dir / "test"
-    make_brats_phantom(train_dir, config.train_cases, seed=config.seed, spacing_mm=2.0, progress=progress)
+    spacing = config.spacing_mm
+    make_brats_phantom(train_dir, config.train_cases, seed=config.seed, spacing_mm=spacing, progress=progress)
     make_brats_phantom(
-        test_dir, config.test_cases, seed=config.seed + 1, spacing_mm=2.0, first_index=901, progress=progress
+        test_dir,
+        config.test_cases,
+        seed=config.seed + 1,
+        spacing_mm=spacing,
+        first_index=901,
+        progress=progress,
     )
     return train_dir, test_dir
 

@@ -8,7 +8,7 @@ Per case (float32, vectorised; about 0.3 s at 2 mm and 2 s at 1 mm on one core, 
 process to load the atlas):
 
 1. anatomy: nilearn's grey/white-matter probability maps and brain mask (CSF = mask - GM - WM),
-   resampled onto BraTS's 240x240x155 1 mm grid (or 120x120x78 at 2 mm) through a random
+   resampled onto BraTS's 240x240x155 1 mm grid (or 120x120x78 at 2 mm, 80x80x52 at 3 mm) through a random
    rotation, scaling and smooth deformation, plus the tumour's mass effect;
 2. tumour: a noise-perturbed ellipsoidal core with an enhancing rim of random, locally vanishing
    thickness around necrosis (sometimes with a haemorrhage), and edema that diffuses from the core
@@ -123,12 +123,12 @@ class _Atlas:
     tumour_sites_mm: np.ndarray  # deep white-matter points where a tumour may start
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=3)
 def _atlas(spacing_mm: float) -> _Atlas:
     """nilearn's shipped ICBM152 2009a maps (no download: the files are inside the package).
 
-    At 2 mm the maps are averaged over 2x2x2 blocks first: a 2 mm voxel holds exactly that mixture of
-    tissue (partial volume), and sampling the smaller maps is 8x cheaper.
+    At k mm (k = 2, 3) the maps are averaged over k^3 blocks first: a k mm voxel holds exactly that
+    mixture of tissue (partial volume), and sampling the smaller maps is k^3 times cheaper.
     """
     from nilearn.datasets import load_mni152_brain_mask, load_mni152_gm_template, load_mni152_wm_template
 
@@ -450,11 +450,15 @@ def brats_phantom_case(
     )
 
 
+#: Voxel sizes the BraTS phantom is drawn at: whole multiples of the 1 mm atlas, so a voxel's tissue
+#: mixture is an exact block average of it.
+SPACINGS_MM = (1.0, 2.0, 3.0)
+
+
 def _check_spacing(spacing_mm: float) -> None:
-    if spacing_mm not in (1.0, 2.0):
-        raise CimlError(
-            f"spacing_mm={spacing_mm!r}: the BraTS phantom supports 1 (240x240x155) or 2 mm (120x120x78)"
-        )
+    if spacing_mm not in SPACINGS_MM:
+        grids = ", ".join(f"{s:g} mm ({'x'.join(map(str, brats_affine(s)[1]))})" for s in SPACINGS_MM)
+        raise CimlError(f"spacing_mm={spacing_mm!r}: the BraTS phantom supports {grids}")
 
 
 def _try_case(
