@@ -237,7 +237,7 @@ PRESETS: dict[str, Settings] = {
     # ciml-nomsg 0.49, ensemble 0.45, ciml-flops 0.52, segresnet 0.17, joint 0.13, a whole case with
     # 48^3 tiles ~4-5 s. A pilot there (seed 0, 600 iterations) gave test mean Dice ciml 0.83, ensemble
     # 0.68, joint 0.64; the ensemble's curve was flat from iteration 300, ciml's and joint's still rose.
-    # 600 iterations with 10 validations of 3 cases are what 2 worker processes finish in ~90 minutes.
+    # 600 iterations with 8 validations of 3 cases are what 2 worker processes finish in ~90 minutes.
     "cpu": Settings(
         setting="cpu",
         device="cpu",
@@ -253,7 +253,7 @@ PRESETS: dict[str, Settings] = {
         robustness_models=ROBUSTNESS_DEFAULT,
         threads=1,
         phantom_spacing_mm=3.0,
-        validations=10,
+        validations=8,
         max_validation_cases=3,
         jobs=2,
         note="2 CPU cores: 2 worker processes, 1 torch thread each; budget: at most 90 minutes",

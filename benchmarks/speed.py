@@ -199,6 +199,7 @@ def networks(spec: TaskSpec, settings: Settings, ciml_widths: tuple[int, ...]) -
     """
     n_mod, n_reg = len(spec.modality_names), len(spec.region_names)
     joint_w, seg_w = settings.joint_widths, settings.segresnet_widths
+
     def ciml_per_segmentor() -> nn.Module:
         model = build_model("ciml", spec, widths=ciml_widths)
         model.grouped = False

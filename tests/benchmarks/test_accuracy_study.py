@@ -216,7 +216,7 @@ def test_the_budget_adds_training_validation_prediction_and_robustness() -> None
     ciml = estimate["models"]["ciml"]
     assert ciml["runs"] == 3
     assert ciml["train"] == pytest.approx(3 * 600 * 1.0)
-    assert ciml["validation"] == pytest.approx(3 * 10 * 2 * 2.0)  # 10 validations of 2 cases per run
+    assert ciml["validation"] == pytest.approx(3 * 8 * 2 * 2.0)  # 8 validations of 2 cases per run
     assert ciml["prediction"] == pytest.approx(3 * 10 * (2.0 + accuracy.PREDICT_OVERHEAD_S))
     assert ciml["robustness"] == 0.0
     dropout = estimate["models"]["ciml+dropout"]
@@ -268,7 +268,7 @@ def test_every_model_gets_the_same_recipe_and_the_equal_flops_row_narrower_width
     for training in trained:
         assert (training.optimizer, training.lr, training.seed) == ("adamw", 1e-2, 2)
         assert training.iterations == 600 and training.patch_size == (24, 24, 24)
-        assert training.augment == "mirror" and training.validate_every == 60
+        assert training.augment == "mirror" and training.validate_every == 75
         assert training.target_spacing is None and training.modality_dropout == 0.0  # the phantoms' 3 mm
     assert settings.phantom_spacing_mm == 3.0
     robust = {v.key: v for v in accuracy.robustness_variants(settings)}

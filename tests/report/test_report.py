@@ -96,7 +96,7 @@ def test_every_section_is_filled_and_nothing_leaves_the_page(report):
     assert all(f"<td>{region}</td>" in evaluation for region in ("WT", "TC", "ET")) and "±" in evaluation
     robustness = html[html.index('id="robustness"') : html.index('id="training"')]
     table, contributions = robustness.split("Marginal contribution of each modality")
-    assert "flair+t1" in table and "subset average" in table and "<td class=\"num\">n/a" not in table
+    assert "flair+t1" in table and "subset average" in table and '<td class="num">n/a' not in table
     assert "<td>t1ce</td>" in contributions  # n/a here: two subsets differing in two modalities pair none
     configuration = html[html.index('id="configuration"') :]
     assert "t1ce (mri)" in configuration and "TC, ET" in configuration  # the task decomposition

@@ -83,7 +83,8 @@ class InferenceSettings:
         tta: average over every mirroring of each tile (8x the work in 3D).
         step: tile step as a fraction of the patch size (nnU-Net's 0.5).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-        sw_batch_size: tiles per forward pass.
+        sw_batch_size: tiles per forward pass (None: 2 on a CPU, 1 on CUDA; see
+            :func:`ciml.inferers.sliding_window_probabilities`).
         patch_size: tile size (default: the run's training patch). A larger tile than the training
             patch is fine for these fully convolutional networks and saves overlap work on a CPU.
         postprocessing: apply the postprocessing the run chose on its validation folds (if it has one).
@@ -94,7 +95,7 @@ class InferenceSettings:
     tta: bool = False
     step: float = DEFAULT_STEP
     device: str = "auto"
-    sw_batch_size: int = 1
+    sw_batch_size: int | None = None
     patch_size: tuple[int, int, int] | None = None
     postprocessing: bool = True
 
