@@ -97,11 +97,17 @@ def plot_progress(records: list[dict[str, Any]], path: Path) -> Path:
         dice_ax.plot(
             [r["iteration"] for r in validated], [r.get(key) for r in validated], "o-", label=key, ms=3
         )
-    for ax, title in ((loss_ax, "training loss"), (kl_ax, "information sent"), (dice_ax, "validation Dice")):
+    # fixed corners: matplotlib's loc="best" searches every plotted point (seconds for a long run)
+    panels = (
+        (loss_ax, "training loss", "upper right"),
+        (kl_ax, "information sent", "upper right"),
+        (dice_ax, "validation Dice", "lower right"),
+    )
+    for ax, title, corner in panels:
         ax.set_title(title)
         ax.set_xlabel("iteration")
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc=corner)
     figure.tight_layout()
     with atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=90)
