@@ -35,7 +35,7 @@ and prints the estimated wall time of the run (``--estimate``: only that). With 
 preset: 2, one per core) N runs train at once in worker processes of one torch thread each, handed out
 longest first; each run's numbers are the same as in one process (the same seed, one thread).
 
-    python benchmarks/accuracy.py --setting cpu    # 2 CPU cores, 2 worker processes of 1 thread: ~90 minutes
+    python benchmarks/accuracy.py --setting cpu    # 2 cores, 2 processes of 1 thread: 88 min (2026-12-07)
     python benchmarks/accuracy.py --setting gpu    # a lent H100/H200
     python benchmarks/accuracy.py --quick --out /tmp/accuracy   # smoke test, about a minute
     python benchmarks/accuracy.py --setting cpu --estimate      # the budget probe only (~3 minutes)
@@ -238,7 +238,8 @@ PRESETS: dict[str, Settings] = {
     # ciml-nomsg 0.49, ensemble 0.45, ciml-flops 0.52, segresnet 0.17, joint 0.13, a whole case with
     # 48^3 tiles ~4-5 s. A pilot there (seed 0, 600 iterations) gave test mean Dice ciml 0.83, ensemble
     # 0.68, joint 0.64; the ensemble's curve was flat from iteration 300, ciml's and joint's still rose.
-    # 600 iterations with 8 validations of 3 cases are what 2 worker processes finish in ~90 minutes.
+    # 600 iterations with 8 validations of 3 cases: 88 minutes in 2 worker processes (2026-12-07), and
+    # only 1 of 21 runs plateaued (benchmarks/results/accuracy_cpu/results.md).
     "cpu": Settings(
         setting="cpu",
         device="cpu",
