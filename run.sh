@@ -2,6 +2,7 @@
 # One entry point for a fresh machine with only Python >= 3.11:
 #   ./run.sh demo [ciml demo options]   set up .venv, then run the ShapeComposition demo into demo_out/
 #   ./run.sh test [pytest options]      set up .venv, then run ruff, the layer contracts and the test suite
+#                                       (CIML_TEST_WORKERS processes, default 2; 0: in this process)
 #   ./run.sh setup                      only set up .venv
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -35,7 +36,9 @@ case "$command" in
     setup
     "$VENV/bin/ruff" check src tests benchmarks
     "$VENV/bin/lint-imports"
-    exec "$VENV/bin/python" -m pytest -q "$@"
+    # Tests use one torch thread each: two worker processes keep two cores busy. Tests of one file
+    # share a worker, so module fixtures (trained runs) are built once.
+    exec "$VENV/bin/python" -m pytest -q -n "${CIML_TEST_WORKERS:-2}" --dist loadfile "$@"
     ;;
   *)
     echo "usage: ./run.sh {demo|test|setup} [options]" >&2

@@ -393,8 +393,8 @@ def check_settings(settings: Settings, models: Sequence[str]) -> None:
     for widths in {settings.widths, settings.segresnet_widths}:
         divisor = 2 ** (len(widths) - 1)
         for name, size in (("patch", settings.patch), ("inference patch", settings.inference_patch)):
-            if size % divisor:
-                raise CimlError(f"{name} {size} must be a multiple of {divisor} for widths {widths}")
+            if size < divisor or size % divisor:
+                raise CimlError(f"{name} {size} must be a positive multiple of {divisor} for widths {widths}")
 
 
 # ------------------------------------------------------------------------------------ convergence
@@ -1352,6 +1352,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shapes", action="store_true", help="rerun ShapeComposition instead of reading it")
     parser.add_argument("--iterations", type=int, default=None, help="override the preset's iterations")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the preset's)")
+    parser.add_argument("--patch", type=int, default=None, help="override the preset's training patch edge")
+    parser.add_argument(
+        "--widths",
+        default=None,
+        help="override the preset's U-Net widths, comma-separated (SegResNet's too), e.g. 4,8,16",
+    )
+    parser.add_argument(
+        "--inference-patch", type=int, default=None, help="override the preset's inference tile edge"
+    )
+    parser.add_argument(
+        "--validations", type=int, default=None, help="override the preset's validations per run"
+    )
+    parser.add_argument(
+        "--test-cases", type=int, default=None, help="override the preset's held-out test phantoms"
+    )
     parser.add_argument(
         "--jobs",
         type=int,
@@ -1396,8 +1411,17 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, list[str]]:
             overrides["seeds"] = tuple(int(s) for s in _names(args.seeds))
         except ValueError as error:
             raise CimlError(f"--seeds {args.seeds}: give comma-separated integers") from error
-    if args.iterations is not None:
-        overrides["iterations"] = args.iterations
+    if args.widths is not None:
+        try:
+            widths = tuple(int(w) for w in _names(args.widths))
+        except ValueError as error:
+            raise CimlError(f"--widths {args.widths}: give comma-separated integers") from error
+        if not widths or min(widths) < 1:
+            raise CimlError(f"--widths {args.widths}: give at least one positive width")
+        overrides["widths"] = overrides["segresnet_widths"] = widths
+    for field in ("iterations", "patch", "inference_patch", "validations", "test_cases"):
+        if getattr(args, field) is not None:
+            overrides[field] = getattr(args, field)
     if args.threads is not None:
         overrides["threads"] = args.threads
     if args.jobs is not None:

@@ -290,3 +290,25 @@ def test_seeds_are_parsed_and_duplicates_refused(capsys: pytest.CaptureFixture) 
     assert accuracy.settings_from_args(accuracy.parse_args(["--setting", "cpu"]))[0].jobs == 2
     assert accuracy.main(["--quick", "--jobs", "0", "--out", "/nonexistent/x"]) == 1
     assert "--jobs" in capsys.readouterr().err
+
+
+def test_sizes_are_overridden_from_the_command_line_and_bad_ones_refused(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    args = ["--setting", "cpu", "--patch", "32", "--widths", "4,8,16", "--inference-patch", "32"]
+    args += ["--validations", "5", "--test-cases", "4", "--iterations", "50"]
+    settings, _ = accuracy.settings_from_args(accuracy.parse_args(args))
+    assert (settings.patch, settings.inference_patch, settings.validations) == (32, 32, 5)
+    assert settings.widths == settings.segresnet_widths == (4, 8, 16)
+    assert (settings.test_cases, settings.iterations, settings.validate_every) == (4, 50, 10)
+    preset = accuracy.PRESETS["cpu"]
+    kept = (settings.train_cases, settings.seeds, settings.lr)
+    assert kept == (preset.train_cases, preset.seeds, preset.lr)
+    for bad, named in (
+        (["--patch", "15"], "patch 15"),  # the quick widths 4,8 halve once: a multiple of 2
+        (["--inference-patch", "0"], "inference patch 0"),
+        (["--widths", "4,x"], "--widths"),
+        (["--widths", "0,8"], "--widths"),
+    ):
+        assert accuracy.main(["--quick", *bad, "--out", "/nonexistent/x"]) == 1
+        assert named in capsys.readouterr().err, bad

@@ -85,8 +85,10 @@ class InferenceSettings:
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         sw_batch_size: tiles per forward pass (None: 2 on a CPU, 1 on CUDA; see
             :func:`ciml.inferers.sliding_window_probabilities`).
-        patch_size: tile size (default: the run's training patch). A larger tile than the training
-            patch is fine for these fully convolutional networks and saves overlap work on a CPU.
+        patch_size: tile size (default: the run's training patch, as nnU-Net). A larger tile saves
+            overlap work on a CPU but changes the InstanceNorm statistics the network was trained with
+            (more background per tile) and can cost accuracy: a CIML trained on 24^3 patches scored
+            held-out mean Dice 0.84 with 24^3 tiles, 0.85 with 48^3 and 0.65 with 72^3.
         postprocessing: apply the postprocessing the run chose on its validation folds (if it has one).
     """
 
