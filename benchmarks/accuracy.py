@@ -40,6 +40,8 @@ longest first; each run's numbers are the same as in one process (the same seed,
     python benchmarks/accuracy.py --quick --out /tmp/accuracy   # smoke test, about a minute
     python benchmarks/accuracy.py --setting cpu --estimate      # the budget probe only (~3 minutes)
     python benchmarks/accuracy.py --setting cpu --models ciml,joint --seeds 0 --out /tmp/accuracy_two
+    python benchmarks/accuracy.py --setting cpu --models ciml,joint,ensemble --seeds 0 \
+        --out /tmp/accuracy_two --resume   # keeps the finished ciml and joint runs, trains the ensemble
 
 Writes ``results.json`` (environment, settings, estimate, every run with its validation curve and
 per-case scores, per-model rows, comparisons, robustness, shapes) and ``results.md`` to ``--out``
@@ -1076,6 +1078,11 @@ def render_markdown(result: dict[str, Any]) -> str:
     resampled = "" if spacing is None else f", resampled to {spacing:g} mm for training and prediction"
     labels = {v["key"]: v["label"] for v in result["variants"] + result["robustness_variants"]}
     estimate = result.get("estimate") or {}
+    resumed = "".join(
+        f" Kept from an earlier invocation ({entry['date']}, commit {entry['git_commit']}, "
+        f"{(entry['total_s'] or 0) / 60:.1f} min): {', '.join(entry['runs'])}."
+        for entry in result.get("resumed_from", [])
+    )
     estimated = ""
     if estimate.get("jobs", 1) > 1:
         estimated = (
@@ -1091,7 +1098,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{hardware(env, settings['device'])}, torch {env['torch']}, "
         f"{env['torch_threads']} torch thread(s), device {settings['device']}; {env['date']}, "
         f"commit {env['git_commit']}. Status: {result['status']}, total {result['total_s'] / 60:.1f} min"
-        f"{estimated}.",
+        f"{estimated}.{resumed}",
         "",
         f"Same data and budget for every model and seed: {settings['train_cases']} training phantoms "
         f"({settings.get('phantom_spacing_mm', 2.0):g} mm, MNI152 anatomy{resampled}; fold 0 of one "
@@ -1183,6 +1190,71 @@ def environment(device: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- API
 
 
+#: Settings a resumed study may change: they decide which runs exist or how fast they go, not their numbers.
+RESUME_FREE = ("seeds", "robustness_models", "jobs", "note")
+
+
+def check_resumable(previous: dict[str, Any], settings: Settings, path: Path) -> None:
+    """Refuse to mix runs of different settings in one table.
+
+    Raises:
+        CimlError: ``path`` was written by other settings (names the fields and both values).
+    """
+    stored = previous.get("settings", {})
+    current = {**asdict(settings), "validate_every": settings.validate_every}
+    differ = [
+        f"{name} {stored.get(name)!r} there, {value!r} now"
+        for name, value in json.loads(json.dumps(current)).items()
+        if name not in RESUME_FREE and stored.get(name) != value
+    ]
+    if differ:
+        raise CimlError(f"--resume: {path} was run with other settings: {'; '.join(differ)}")
+
+
+def read_previous(path: Path, settings: Settings) -> dict[str, Any]:
+    """The results.json ``--resume`` continues, checked against ``settings``.
+
+    Raises:
+        CimlError: it is missing, unreadable, or was run with other settings.
+    """
+    if not path.is_file():
+        raise CimlError(f"--resume: {path} does not exist; run without --resume first")
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CimlError(f"--resume: cannot read {path}: {error}") from error
+    if previous.get("benchmark") != "accuracy" or "settings" not in previous:
+        raise CimlError(f"--resume: {path} is not a results.json of benchmarks/accuracy.py")
+    check_resumable(previous, settings, path)
+    return previous
+
+
+def finished_runs(
+    previous: dict[str, Any], jobs: Sequence[Job]
+) -> dict[int, tuple[Job, dict[str, Any], dict[str, Any] | None]]:
+    """The jobs an earlier results.json has finished, with its records, keyed by job index."""
+    main = {(run["key"], run["seed"]): run for run in previous.get("runs", [])}
+    robust = {(run["key"], run["seed"]): run for run in previous.get("robustness_runs", [])}
+    kept = {}
+    for job in jobs:
+        identity = (job.variant.key, job.seed)
+        if job.robustness and identity in robust and job.variant.key in previous.get("robustness", {}):
+            kept[job.index] = (job, robust[identity], previous["robustness"][job.variant.key])
+        elif not job.robustness and identity in main:
+            kept[job.index] = (job, main[identity], None)
+    return kept
+
+
+def resumed_entry(previous: dict[str, Any], kept: dict[int, tuple[Job, Any, Any]]) -> dict[str, Any]:
+    """Where the kept runs came from, for the record."""
+    return {
+        "git_commit": previous["environment"].get("git_commit"),
+        "date": previous["environment"].get("date"),
+        "total_s": previous.get("total_s"),
+        "runs": [f"{job.variant.key} seed {job.seed}" for job, _, _ in kept.values()],
+    }
+
+
 def run_benchmark(
     settings: Settings,
     models: Sequence[str],
@@ -1191,11 +1263,14 @@ def run_benchmark(
     run_shapes: bool = False,
     progress: bool = False,
     log: Callable[[str], None] = print,
+    previous: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run every (model, seed) into ``work``; (re)write ``out/results.json`` and ``results.md`` after each.
 
     Order: for each seed every model of the main table, then the robustness runs, so that an
-    interrupted run keeps complete comparisons for the first seeds.
+    interrupted run keeps complete comparisons for the first seeds. ``previous`` (``--resume``): an
+    earlier results.json of the same settings (:func:`check_resumable`) whose finished runs are kept
+    and not trained again.
 
     Returns:
         The JSON-ready result.
@@ -1238,6 +1313,7 @@ def run_benchmark(
         "robustness": {},
         "shapes": None,
         "total_s": 0.0,
+        "resumed_from": [],  # earlier invocations whose runs are kept: commit, date, runs, seconds
     }
     for target, variants in (("variants", main), ("robustness_variants", robust)):
         for variant in variants:
@@ -1289,9 +1365,7 @@ def run_benchmark(
     arguments = [(job, settings, train_dir, test_dir, splits, work) for job in tasks]
     finished: dict[int, tuple[Job, dict[str, Any], dict[str, Any] | None]] = {}
 
-    def collect(job: Job, record: dict[str, Any], robustness: dict[str, Any] | None, line: str) -> None:
-        finished[job.index] = (job, record, robustness)
-        log(f"{elapsed()} {line}")
+    def publish() -> None:
         order = sorted(finished)
         result["runs"] = [finished[i][1] for i in order if not finished[i][0].robustness]
         result["robustness_runs"] = [finished[i][1] for i in order if finished[i][0].robustness]
@@ -1301,8 +1375,21 @@ def run_benchmark(
         done = len(finished)
         save(f"partial: {done} of {len(jobs)} runs" if done < len(jobs) else "complete")
 
-    if settings.jobs > 1 and len(jobs) > 1:
-        log(f"{elapsed()} {len(jobs)} runs in {settings.jobs} worker processes (1 torch thread each)")
+    def collect(job: Job, record: dict[str, Any], robustness: dict[str, Any] | None, line: str) -> None:
+        finished[job.index] = (job, record, robustness)
+        log(f"{elapsed()} {line}")
+        publish()
+
+    if previous is not None:
+        finished.update(finished_runs(previous, tasks))
+        tasks = [job for job in tasks if job.index not in finished]
+        arguments = [args for args in arguments if args[0].index not in finished]
+        result["resumed_from"] = [*previous.get("resumed_from", []), resumed_entry(previous, finished)]
+        commit = previous["environment"].get("git_commit")
+        log(f"{elapsed()} resuming: kept {len(finished)} finished run(s) of commit {commit}")
+        publish()
+    if settings.jobs > 1 and len(tasks) > 1:
+        log(f"{elapsed()} {len(tasks)} runs in {settings.jobs} worker processes (1 torch thread each)")
         context = multiprocessing.get_context("spawn")  # no forked OpenMP state
         with ProcessPoolExecutor(settings.jobs, mp_context=context) as pool:
             futures = [pool.submit(run_job, *args, False, started_wall) for args in arguments]
@@ -1387,6 +1474,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--keep-work", action="store_true", help="keep the default temporary --work folder")
     parser.add_argument("--overwrite", action="store_true", help="replace results.json/results.md in --out")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the finished runs of --out's results.json (same settings; more seeds or models may be "
+        "asked for) and train only the others",
+    )
     parser.add_argument("--progress", action="store_true", help="progress bars of every step")
     return parser.parse_args(argv)
 
@@ -1456,8 +1549,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_settings(settings, models)
         out = args.out or RESULTS_DIR / f"accuracy_{settings.setting}"
         existing = [str(out / name) for name in OUTPUT_NAMES if (out / name).exists()]
-        if existing and not args.overwrite and not args.estimate:  # fail before an hour, not after
-            raise CimlError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
+        previous = None
+        if args.resume:
+            previous = read_previous(out / "results.json", settings)
+        elif existing and not args.overwrite and not args.estimate:  # fail before an hour, not after
+            raise CimlError(
+                f"{', '.join(existing)} already exist(s); pass --overwrite to replace or --resume to continue"
+            )
         if args.work is not None and args.work.exists() and any(args.work.iterdir()):
             raise CimlError(f"--work {args.work} is not empty; choose a new folder (nothing is deleted)")
         if settings.threads:
@@ -1468,7 +1566,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             estimate_only(settings, models, work)
             return 0
         result = run_benchmark(
-            settings, models, out, work, args.shapes, args.progress, lambda line: print(line, flush=True)
+            settings,
+            models,
+            out,
+            work,
+            args.shapes,
+            args.progress,
+            lambda line: print(line, flush=True),
+            previous,
         )
     except CimlError as error:
         print(f"error: {error}", file=sys.stderr)

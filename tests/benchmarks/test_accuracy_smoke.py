@@ -135,3 +135,36 @@ def test_runs_in_two_worker_processes_give_the_numbers_of_one_process(tmp_path: 
     for alone, pooled in zip(one["runs"], two["runs"], strict=True):
         assert pooled["curve"] == alone["curve"] and pooled["cases"] == alone["cases"], alone["key"]
     assert two["comparisons"][0]["keys"] == one["comparisons"][0]["keys"]
+
+
+@pytest.mark.slow
+def test_resume_keeps_finished_runs_trains_the_rest_and_refuses_other_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "r"
+    threads = torch.get_num_threads()
+    base = ["--quick", "--robustness", "none", "--out", str(out)]
+    try:
+        assert accuracy.main([*base, "--models", "joint", "--work", str(tmp_path / "w1")]) == 0
+        first = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        capsys.readouterr()
+        code = accuracy.main([*base, "--models", "joint,ciml", "--resume", "--work", str(tmp_path / "w2")])
+        assert code == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "kept 1 finished run(s)" in printed and "1/2 joint" not in printed and "2/2 ciml" in printed
+    result = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert result["status"] == "complete" and [run["key"] for run in result["runs"]] == ["joint", "ciml"]
+    assert result["runs"][0] == first["runs"][0]  # kept as it was, not trained again
+    assert [(c["a"], c["b"]) for c in result["comparisons"]] == [("ciml", "joint")]
+    assert result["resumed_from"][0]["runs"] == ["joint seed 0"]
+    assert "Kept from an earlier invocation" in (out / "results.md").read_text(encoding="utf-8")
+
+    before = (out / "results.json").read_bytes()
+    assert accuracy.main([*base, "--models", "joint", "--resume", "--iterations", "6"]) == 1
+    error = capsys.readouterr().err
+    assert "other settings" in error and "iterations 4 there, 6 now" in error
+    assert accuracy.main(["--quick", "--resume", "--out", str(tmp_path / "none")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == before
