@@ -1386,7 +1386,10 @@ def run_benchmark(
         arguments = [args for args in arguments if args[0].index not in finished]
         result["resumed_from"] = [*previous.get("resumed_from", []), resumed_entry(previous, finished)]
         commit = previous["environment"].get("git_commit")
-        log(f"{elapsed()} resuming: kept {len(finished)} finished run(s) of commit {commit}")
+        log(
+            f"{elapsed()} resuming: kept {len(finished)} finished run(s) of commit {commit}; "
+            f"{len(tasks)} of the {len(jobs)} runs the estimate counts are left to train"
+        )
         publish()
     if settings.jobs > 1 and len(tasks) > 1:
         log(f"{elapsed()} {len(tasks)} runs in {settings.jobs} worker processes (1 torch thread each)")
