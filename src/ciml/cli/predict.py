@@ -60,7 +60,8 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
         nargs=3,
         metavar=("X", "Y", "Z"),
         help="sliding-window tile size (default: the run's training patch, as nnU-Net; larger tiles are "
-        "faster on CPU but change InstanceNorm's statistics and can cost accuracy)",
+        "faster on CPU but change InstanceNorm's statistics and so the scores, up or down: compare on "
+        "validation cases)",
     )
     add_device(parser)
     add_dataset_arguments(parser, task=False, what="the input cases")
