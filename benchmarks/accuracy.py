@@ -1211,11 +1211,12 @@ def check_resumable(previous: dict[str, Any], settings: Settings, path: Path) ->
         raise CimlError(f"--resume: {path} was run with other settings: {'; '.join(differ)}")
 
 
-def read_previous(path: Path, settings: Settings) -> dict[str, Any]:
-    """The results.json ``--resume`` continues, checked against ``settings``.
+def read_previous(path: Path, settings: Settings, models: Sequence[str]) -> dict[str, Any]:
+    """The results.json ``--resume`` continues, checked against ``settings`` and ``models``.
 
     Raises:
-        CimlError: it is missing, unreadable, or was run with other settings.
+        CimlError: it is missing, unreadable, was run with other settings, or holds finished runs that
+            ``models`` and the seeds leave out (rewriting it would lose them).
     """
     if not path.is_file():
         raise CimlError(f"--resume: {path} does not exist; run without --resume first")
@@ -1226,6 +1227,21 @@ def read_previous(path: Path, settings: Settings) -> dict[str, Any]:
     if previous.get("benchmark") != "accuracy" or "settings" not in previous:
         raise CimlError(f"--resume: {path} is not a results.json of benchmarks/accuracy.py")
     check_resumable(previous, settings, path)
+    wanted = {(v.key, seed) for v in study_variants(settings, models) for seed in settings.seeds}
+    wanted |= {
+        (v.key, seed)
+        for v in robustness_variants(settings)
+        for seed in settings.seeds[: settings.robustness_seeds]
+    }
+    stored = previous.get("runs", []) + previous.get("robustness_runs", [])
+    dropped = [
+        f"{run['key']} seed {run['seed']}" for run in stored if (run["key"], run["seed"]) not in wanted
+    ]
+    if dropped:
+        raise CimlError(
+            f"--resume: {path} holds finished runs this invocation leaves out ({', '.join(dropped)}); "
+            "name their models, seeds and robustness models too, or use another --out"
+        )
     return previous
 
 
@@ -1554,7 +1570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         existing = [str(out / name) for name in OUTPUT_NAMES if (out / name).exists()]
         previous = None
         if args.resume:
-            previous = read_previous(out / "results.json", settings)
+            previous = read_previous(out / "results.json", settings, models)
         elif existing and not args.overwrite and not args.estimate:  # fail before an hour, not after
             raise CimlError(
                 f"{', '.join(existing)} already exist(s); pass --overwrite to replace or --resume to continue"

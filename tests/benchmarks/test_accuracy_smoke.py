@@ -167,4 +167,6 @@ def test_resume_keeps_finished_runs_trains_the_rest_and_refuses_other_settings(
     assert "other settings" in error and "iterations 4 there, 6 now" in error
     assert accuracy.main(["--quick", "--resume", "--out", str(tmp_path / "none")]) == 1
     assert "does not exist" in capsys.readouterr().err
+    assert accuracy.main([*base, "--models", "ciml", "--resume"]) == 1  # would drop the joint run
+    assert "leaves out (joint seed 0)" in capsys.readouterr().err
     assert (out / "results.json").read_bytes() == before
