@@ -391,6 +391,52 @@ def test_folds_that_disagree_apply_the_first_folds_rule_with_a_note(tmp_path, ca
         run_postprocessing(run, [1])
 
 
+# ------------------------------------------------------------------------------------------- tiles
+
+
+def test_prediction_uses_the_tile_the_run_chose_unless_one_is_given(tmp_path, spec, capsys):
+    cases = write_brats(tmp_path / "data", n_cases=1)
+    run = make_run(tmp_path / "run", spec, cases, folds=(0, 1))
+    ciml.files.write_json_atomic(run.tile_path(0), {"tile": [32, 32, 16]})
+
+    def tile(folds, patch=None) -> tuple:
+        predictor = Predictor.from_run(run, InferenceSettings(device="cpu", folds=folds, patch_size=patch))
+        return predictor.patch_size, predictor.tile_source
+
+    assert tile((0,)) == ((32, 32, 16), "chosen on fold 0's validation cases")
+    assert tile((0,), (24, 24, 24)) == ((24, 24, 24), "given")
+    # fold 1 was trained without a choice: alone it predicts with the training patch; listed first, its
+    # choice (none) is used, with a note
+    assert tile((1,)) == (PATCH, "the training patch") and capsys.readouterr().out == ""
+    assert tile((1, 0)) == (PATCH, "the training patch")
+    out = capsys.readouterr().out
+    assert "folds chose different tiles (fold 1: the training patch; fold 0: 32x32x16); using fold 1's" in out
+
+    args = ["predict", "--run", str(run.path), "--input", str(tmp_path / "data"), "--device", "cpu"]
+    assert main([*args, "--output", str(tmp_path / "out"), "--folds", "0", "--allow-missing"]) == 0
+    assert "tile 32x32x16 (chosen on fold 0's validation cases)" in capsys.readouterr().out
+    sidecar = json.loads((tmp_path / "out" / "case0_modalities.json").read_text(encoding="utf-8"))
+    assert sidecar["tile"] == {"size": [32, 32, 16], "source": "chosen on fold 0's validation cases"}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", r"fold_0/tile.json: not valid JSON"),
+        ('{"tile": [32, 32]}', r"fold_0/tile.json: 'tile' must be 3 positive integers, got \[32, 32\]"),
+        ('{"tile": [32, 0, 16]}', r"'tile' must be 3 positive integers"),
+        ('{"size": [32, 32, 16]}', r"'tile' must be 3 positive integers, got None"),
+        ('{"tile": [31, 32, 16]}', r"fold_0/tile.json: 'tile' must be 3 positive integers divisible by 2"),
+    ],
+)
+def test_a_malformed_tile_file_is_named(tmp_path, spec, content, message):
+    cases = write_brats(tmp_path / "data", n_cases=1)
+    run = make_run(tmp_path / "run", spec, cases)
+    run.tile_path(0).write_text(content, encoding="utf-8")
+    with pytest.raises(CimlError, match=message):
+        Predictor.from_run(run, InferenceSettings(device="cpu"))
+
+
 # ---------------------------------------------------------------------------------- fallback owners
 
 
@@ -460,7 +506,8 @@ def test_a_missing_file_stops_with_the_file_and_the_modalities_to_use(tmp_path, 
     for case, used, missing in (("case0", MODALITIES, []), ("case1", ("flair", "t1ce", "t2"), ["t1"])):
         assert nib.load(tmp_path / "out" / f"{case}.nii.gz").shape == SHAPE
         record = json.loads((tmp_path / "out" / f"{case}_modalities.json").read_text(encoding="utf-8"))
-        assert record == {"case_id": case, "modalities": list(used), "missing": missing}
+        tile = {"size": list(PATCH), "source": "the training patch"}
+        assert record == {"case_id": case, "modalities": list(used), "missing": missing, "tile": tile}
 
 
 def test_when_no_common_subset_predicts_every_region_allow_missing_is_the_way(tmp_path, spec, capsys):

@@ -102,11 +102,19 @@ def test_training_writes_the_run_folder_logs_and_plot(dataset, tmp_path) -> None
     assert log[-1]["event"] == "end"
     state = load_checkpoint(fold / "checkpoint_last.pt")
     assert state["iteration"] == 4 and state["config"] == info["model"]
-    # postprocessing chosen on the final validation's own masks (no second pass: the same Dice)
+    # the tile: the training patch (scored by the final validation itself) against twice it, capped at
+    # the 24x24x16 case; postprocessing is then chosen on the chosen tile's masks
+    tile = json.loads((fold / "tile.json").read_text(encoding="utf-8"))
+    compared = {tuple(c["tile"]): c for c in tile["comparison"]}
+    assert list(compared) == [(16, 16, 16), (24, 24, 16)] and tile["training_patch"] == [16, 16, 16]
+    for region in ("WT", "TC", "ET"):
+        assert compared[16, 16, 16]["dice"][region] == pytest.approx(steps[-1][f"val/dice/{region}"])
+    means = {t: c["mean"] for t, c in compared.items()}
+    wins = means[24, 24, 16] > means[16, 16, 16] + tile["margin"]
+    assert tuple(tile["tile"]) == ((24, 24, 16) if wins else (16, 16, 16))
     chosen = json.loads((fold / "postprocessing.json").read_text(encoding="utf-8"))
     assert chosen["validation_cases"] == 1 and chosen["iteration"] == 4 and chosen["checkpoint"] == "last"
-    for region in ("WT", "TC", "ET"):
-        assert chosen["dice_without"][region] == pytest.approx(steps[-1][f"val/dice/{region}"])
+    assert chosen["dice_without"] == pytest.approx(compared[tuple(tile["tile"])]["dice"])
     assert len(chosen["trials"]) == 3 * 6  # per region: largest component, then 5 volumes
     assert Postprocessing.from_dict(chosen["rule"]).spacing == tuple(info["preprocessing"]["target_spacing"])
 
@@ -141,6 +149,8 @@ def test_postprocessing_without_validation_cases_and_after_resuming_a_finished_f
     assert main(_train(dataset, out, "--iterations", "1", "--max-validation-cases", "0")) == 0
     record = json.loads((out / "fold_0" / "postprocessing.json").read_text(encoding="utf-8"))
     assert record["note"] == "no validation cases: nothing applied" and record["rule"]["regions"] == {}
+    tile = json.loads((out / "fold_0" / "tile.json").read_text(encoding="utf-8"))
+    assert tile["tile"] == [16, 16, 16] and tile["validation_cases"] == 0 and tile["comparison"] == []
 
     path = out / "fold_1" / "postprocessing.json"
     assert main(_train(dataset, out, "--iterations", "1", "--fold", "1")) == 0
@@ -150,6 +160,23 @@ def test_postprocessing_without_validation_cases_and_after_resuming_a_finished_f
     path.unlink()  # a fold finished before postprocessing was chosen: validated once more
     assert main(_train(dataset, out, "--iterations", "1", "--fold", "1", "--resume")) == 0
     assert json.loads(path.read_text(encoding="utf-8"))["dice_without"] == json.loads(written)["dice_without"]
+
+
+def test_without_tile_choice_prediction_keeps_the_training_patch_and_a_resume_adds_the_choice(
+    dataset, tmp_path
+) -> None:
+    out = tmp_path / "run"
+    assert main(_train(dataset, out, "--iterations", "2", "--no-tile-choice")) == 0
+    fold = out / "fold_0"
+    assert not (fold / "tile.json").exists()
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["train"]["choose_tile"] is False
+    last = [r for r in read_log(fold / "log.jsonl") if "val/dice/mean" in r][-1]
+    chosen = json.loads((fold / "postprocessing.json").read_text(encoding="utf-8"))
+    assert chosen["dice_without"] == pytest.approx({r: last[f"val/dice/{r}"] for r in ("WT", "TC", "ET")})
+    # a finished fold without a tile choice, resumed with it on: validated once more, the choice written
+    assert main(_train(dataset, out, "--iterations", "2", "--resume")) == 0
+    tile = json.loads((fold / "tile.json").read_text(encoding="utf-8"))
+    assert tile["iteration"] == 2 and [c["tile"] for c in tile["comparison"]][0] == [16, 16, 16]
 
 
 def test_a_fold_being_trained_is_locked(dataset, tmp_path, capsys) -> None:

@@ -41,8 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--inference-patch",
         type=int,
         nargs=3,
-        default=list(DEFAULTS.inference_patch),
-        help="sliding-window tile size for prediction",
+        metavar=("X", "Y", "Z"),
+        help="sliding-window tile size for prediction (default: the tile training chose on the validation "
+        "cases: the training patch or twice it)",
     )
     parser.add_argument("--widths", type=int, nargs="+", default=list(DEFAULTS.widths), help="U-Net widths")
     add_device(parser, DEFAULTS.device)
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         test_cases=args.test_cases,
         iterations=args.iterations,
         patch_size=tuple(args.patch),
-        inference_patch=tuple(args.inference_patch),
+        inference_patch=tuple(args.inference_patch) if args.inference_patch else None,
         widths=tuple(args.widths),
         model=args.model,
         seed=args.seed,

@@ -59,9 +59,9 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         nargs=3,
         metavar=("X", "Y", "Z"),
-        help="sliding-window tile size (default: the run's training patch, as nnU-Net; larger tiles are "
-        "faster on CPU but change InstanceNorm's statistics and so the scores, up or down: compare on "
-        "validation cases)",
+        help="sliding-window tile size (default: the tile training chose on the validation cases, "
+        "fold_K/tile.json: the training patch, as nnU-Net, or twice it where that scored better; the tile "
+        "changes InstanceNorm's statistics and so the scores, up or down)",
     )
     add_device(parser)
     add_dataset_arguments(parser, task=False, what="the input cases")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ciml.cli.options import add_dataset_arguments, add_device, add_progress, add_task, channel_flags, finish
 from ciml.data.augmentation import AUGMENTATIONS, parse_selection
+from ciml.inferers import tile_text
 from ciml.models import model_names
 from ciml.threads import SEVERAL_JOBS_HELP
 from ciml.training.engine import CPU_DEFAULTS, GPU_DEFAULTS, TrainSettings, train
@@ -148,6 +149,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="nnU-Net's deep supervision: auxiliary heads on the coarser decoder scales, loss weighted "
         "1/2^i per scale (U-Net models and CIML's segmentors; not segresnet; off by default)",
     )
+    parser.add_argument(
+        "--no-tile-choice",
+        dest="choose_tile",
+        action="store_false",
+        help="predict with the training patch, as nnU-Net (default: after training, score the validation "
+        "cases with the training patch and with twice it, and keep the better in fold_K/tile.json when it "
+        "wins by more than 0.005 mean Dice; InstanceNorm makes the tile matter)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue the fold from its last checkpoint")
     parser.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (when installed)")
     add_progress(parser)
@@ -192,6 +201,10 @@ def run(args: argparse.Namespace) -> int:
     with channel_flags():
         run_folder = train(settings_from_args(args))
     print(f"trained fold {args.fold}: {run_folder.fold_dir(args.fold)}")
+    tile = run_folder.read_tile(args.fold)
+    if tile is not None:
+        patch = tile_text(run_folder.read_info()["patch_size"])
+        print(f"inference tile chosen on its validation cases: {tile_text(tile)} (training patch {patch})")
     rule = run_folder.read_postprocessing(args.fold)
     if rule is not None:
         print(f"postprocessing chosen on its validation cases: {rule.describe()}")

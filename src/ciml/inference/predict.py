@@ -62,7 +62,7 @@ from ciml.inference.writing import (
     write_label_map,
     write_probabilities,
 )
-from ciml.inferers import DEFAULT_STEP, Postprocessing, check_step, sliding_window_probabilities
+from ciml.inferers import DEFAULT_STEP, Postprocessing, check_step, sliding_window_probabilities, tile_text
 from ciml.locks import folder_lock
 from ciml.models import SegmentationNetwork
 from ciml.runs import RunFolder, load_trained_run
@@ -85,11 +85,13 @@ class InferenceSettings:
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         sw_batch_size: tiles per forward pass (None: 2 on a CPU, 1 on CUDA; see
             :func:`ciml.inferers.sliding_window_probabilities`).
-        patch_size: tile size (default: the run's training patch, as nnU-Net). A larger tile saves
-            overlap work on a CPU but changes the InstanceNorm statistics the network sees (the share
-            of background per tile), and so the scores, either way: a CIML trained on 24^3 patches at
-            3 mm scored held-out mean Dice 0.84 with 24^3 tiles, 0.85 with 48^3 and 0.65 with 72^3;
-            the demo's CIML (32^3 patches at 2 mm) 0.80 with 32^3 tiles and 0.89 with 64^3.
+        patch_size: tile size (default: the tile the run chose on its validation cases,
+            ``fold_K/tile.json``: its training patch, as nnU-Net, or twice it when that scored better;
+            runs trained before the choice use the training patch). The tile changes the InstanceNorm
+            statistics the network sees (the share of background per tile), and so the scores, either
+            way: a CIML trained on 24^3 patches at 3 mm scored held-out mean Dice 0.84 with 24^3
+            tiles, 0.85 with 48^3 and 0.65 with 72^3; the demo's CIML (32^3 patches at 2 mm) 0.80 with
+            32^3 tiles and 0.89 with 64^3 (:mod:`ciml.training.tiles`).
         postprocessing: apply the postprocessing the run chose on its validation folds (if it has one).
     """
 
@@ -150,11 +152,13 @@ class Predictor:
         settings: InferenceSettings | None = None,
         run_info: Mapping[str, Any] | None = None,
         postprocessing: Postprocessing | None = None,
+        tile_source: str = "given",
     ) -> None:
         if not models:
             raise CimlError("a predictor needs at least one network")
         self.spec, self.plan, self.models = spec, plan, list(models)
         self.patch_size = tuple(int(p) for p in patch_size)
+        self.tile_source = tile_source
         self.settings = settings or InferenceSettings()
         wanted = self.settings.postprocessing and postprocessing is not None
         self.postprocessing = postprocessing if wanted else Postprocessing()
@@ -178,7 +182,14 @@ class Predictor:
         )
         rule = run_postprocessing(trained.folder, trained.folds) if settings.postprocessing else None
         return cls(
-            trained.spec, trained.plan, trained.models, trained.patch_size, settings, trained.info, rule
+            trained.spec,
+            trained.plan,
+            trained.models,
+            trained.inference_tile,
+            settings,
+            trained.info,
+            rule,
+            trained.tile_source,
         )
 
     # ------------------------------------------------------------------------------- modality subsets
@@ -461,6 +472,7 @@ def _predict_checked(
     if sidecar in todo:
         missing = [m for m in spec.modality_names if m not in present]
         record = {"case_id": case.case_id, "modalities": list(present), "missing": missing}
+        record["tile"] = {"size": list(predictor.patch_size), "source": predictor.tile_source}
         write_json_atomic(sidecar, record | ({} if rule.is_identity else {"postprocessing": rule.to_dict()}))
     if writing.callbacks and writing.callbacks.before_label:
         writing.callbacks.before_label(case.case_id)
@@ -539,6 +551,8 @@ def _predict_locked(
     """The loop of :func:`predict_cases`, run while holding the output folder's lock."""
     results = []
     bar = tqdm(cases, desc="predict", unit="case", disable=not progress)
+    if progress:
+        bar.write(f"tile {tile_text(predictor.patch_size)} ({predictor.tile_source})")
     if progress and not predictor.postprocessing.is_identity:
         bar.write(
             f"postprocessing (chosen on the run's validation folds): {predictor.postprocessing.describe()}"

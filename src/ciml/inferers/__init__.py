@@ -14,6 +14,7 @@ from ciml.inferers.sliding import (
     mirror_axes_combinations,
     mirrored_average,
     sliding_window_probabilities,
+    tile_text,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "mirrored_average",
     "nesting",
     "sliding_window_probabilities",
+    "tile_text",
 ]

@@ -57,6 +57,11 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def tile_text(tile: Sequence[int]) -> str:
+    """A tile as people write it: ``64x64x48``."""
+    return "x".join(str(int(t)) for t in tile)
+
+
 def check_step(step: float) -> float:
     """The tile step as a fraction of the patch; must lie in (0, 1] (overlap = 1 - step)."""
     if not 0.0 < float(step) <= 1.0:

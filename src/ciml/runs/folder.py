@@ -8,6 +8,7 @@ Layout (like nnU-Net's results folder, one run for all folds)::
       fold_K/
         checkpoint_last.pt checkpoint_best.pt log.jsonl progress.png
         postprocessing.json  the rule chosen on the fold's validation cases and the comparison behind it
+        tile.json          the inference tile chosen on the same cases and the comparison behind it
 
 Example:
     >>> run = RunFolder("runs/brats")          # doctest: +SKIP
@@ -32,6 +33,7 @@ from ciml.tasks import TaskSpec
 RUN_FILE = "run.json"
 SPLITS_FILE = "splits_final.json"
 POSTPROCESSING_FILE = "postprocessing.json"
+TILE_FILE = "tile.json"
 CHECKPOINTS = ("last", "best")
 
 
@@ -69,13 +71,28 @@ class RunFolder:
         path = self.postprocessing_path(fold)
         if not path.is_file():
             return None
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CimlError(f"{path}: not valid JSON ({exc})") from None
+        data = _read_json(path)
         if not isinstance(data, dict) or "rule" not in data:
             raise CimlError(f"{path}: missing 'rule'")
         return Postprocessing.from_dict(data["rule"], source=f"{path}: rule")
+
+    def tile_path(self, fold: int) -> Path:
+        return self.fold_dir(fold) / TILE_FILE
+
+    def read_tile(self, fold: int) -> tuple[int, int, int] | None:
+        """The inference tile chosen on the fold's validation cases; None for a fold trained without one.
+
+        Raises:
+            CimlError: the file is not valid JSON or its ``tile`` is not 3 positive integers.
+        """
+        path = self.tile_path(fold)
+        if not path.is_file():
+            return None
+        data = _read_json(path)
+        tile = data.get("tile") if isinstance(data, dict) else None
+        if not (isinstance(tile, list) and len(tile) == 3 and all(type(t) is int and t > 0 for t in tile)):
+            raise CimlError(f"{path}: 'tile' must be 3 positive integers, got {tile!r}")
+        return (tile[0], tile[1], tile[2])
 
     def folds(self) -> list[int]:
         """Folds that have at least a last checkpoint."""
@@ -92,10 +109,7 @@ class RunFolder:
     def read_info(self) -> dict[str, Any]:
         if not self.info_path.is_file():
             raise CimlError(f"{self.path}: not a ciml run folder (no {RUN_FILE})")
-        try:
-            info = json.loads(self.info_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CimlError(f"{self.info_path}: not valid JSON ({exc})") from None
+        info = _read_json(self.info_path)
         for key in ("task", "model"):
             if key not in info:
                 raise CimlError(f"{self.info_path}: missing '{key}'")
@@ -143,3 +157,10 @@ class RunFolder:
             first = str(exc).strip().splitlines()[0]
             raise CimlError(f"{path}: weights do not fit the model in its config ({first})") from None
         return model.eval(), state
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CimlError(f"{path}: not valid JSON ({exc})") from None

@@ -21,6 +21,7 @@ import torch
 from ciml.data.preprocessing import PreprocessingPlan
 from ciml.devices import resolve_device
 from ciml.errors import CimlError
+from ciml.inferers import tile_text
 from ciml.models import SegmentationNetwork
 from ciml.runs.folder import CHECKPOINTS, RunFolder
 from ciml.tasks import TaskSpec
@@ -39,6 +40,13 @@ class TrainedRun:
     checkpoint: str
     models: tuple[SegmentationNetwork, ...]
     device: torch.device
+    tile: tuple[int, int, int] | None = None
+    tile_source: str = "the training patch"
+
+    @property
+    def inference_tile(self) -> tuple[int, int, int]:
+        """The sliding-window tile to predict with: the one given, else the one chosen on validation."""
+        return self.tile or self.patch_size
 
     @property
     def network(self) -> SegmentationNetwork:
@@ -60,7 +68,8 @@ def load_trained_run(
         folds: folds to load, in order (duplicates dropped).
         checkpoint: ``last`` or ``best``.
         device: ``auto``, ``cpu``, ``cuda`` or a torch device.
-        patch_size: tile size to use instead of the run's training patch.
+        patch_size: tile size to use instead of the one the run chose on its validation cases
+            (``fold_K/tile.json``), or its training patch when it chose none.
 
     Raises:
         CimlError: not a run folder, no trained fold, a missing or mismatched checkpoint, a run.json
@@ -85,13 +94,36 @@ def load_trained_run(
     dims = models[0].config["spatial_dims"]
     if dims != 3:
         raise CimlError(f"{folder.info_path}: a {dims}D model; prediction on volumes needs a 3D run")
-    if patch_size is None:
-        tile = _patch_size(
-            info.get("patch_size"), f"{folder.info_path}: 'patch_size'", models[0].size_divisor
+    divisor = models[0].size_divisor
+    if patch_size is not None:
+        given = _patch_size(patch_size, "patch_size", divisor)
+        return TrainedRun(
+            folder, info, spec, plan, given, chosen, checkpoint, models, torch_device, given, "given"
         )
-    else:
-        tile = _patch_size(patch_size, "patch_size", models[0].size_divisor)
-    return TrainedRun(folder, info, spec, plan, tile, chosen, checkpoint, models, torch_device)
+    patch = _patch_size(info.get("patch_size"), f"{folder.info_path}: 'patch_size'", divisor)
+    tile, source = _validated_tile(folder, chosen, divisor)
+    return TrainedRun(folder, info, spec, plan, patch, chosen, checkpoint, models, torch_device, tile, source)
+
+
+def _validated_tile(
+    folder: RunFolder, folds: Sequence[int], divisor: int
+) -> tuple[tuple[int, int, int] | None, str]:
+    """The tile the first of ``folds`` chose on its validation cases (``fold_K/tile.json``), with a note
+    when the folds chose differently; (None, "the training patch") for a fold trained without a choice.
+    """
+    tiles = {fold: folder.read_tile(fold) for fold in folds}
+    first = tiles[folds[0]]
+    if len(set(tiles.values())) > 1:
+        chosen = "; ".join(f"fold {f}: {_text(t)}" for f, t in tiles.items())
+        print(f"note: the folds chose different tiles ({chosen}); using fold {folds[0]}'s", flush=True)
+    if first is None:
+        return None, "the training patch"
+    tile = _patch_size(first, f"{folder.tile_path(folds[0])}: 'tile'", divisor)
+    return tile, f"chosen on fold {folds[0]}'s validation cases"
+
+
+def _text(tile: Sequence[int] | None) -> str:
+    return "the training patch" if tile is None else tile_text(tile)
 
 
 def _patch_size(value: Any, where: str, divisor: int) -> tuple[int, int, int]:

@@ -15,7 +15,7 @@ import dataclasses
 import datetime
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from ciml.data.sampling import sample_patches
 from ciml.devices import resolve_device
 from ciml.errors import CimlError, ParameterError
 from ciml.files import write_json_atomic
-from ciml.inferers import sliding_window_probabilities
+from ciml.inferers import Postprocessing, sliding_window_probabilities
 from ciml.locks import folder_lock
 from ciml.metrics import dice
 from ciml.models import MissingModalities, SegmentationNetwork, build_model
@@ -45,7 +45,8 @@ from ciml.training.loading import BackgroundBatches, default_workers
 from ciml.training.loop import Batch, StepCallback, TrainConfig, Trainer
 from ciml.training.memory import GIB
 from ciml.training.planning import TrainingPlan, plan_training
-from ciml.training.postprocessing import ValidationMasks, choose_postprocessing
+from ciml.training.postprocessing import ValidationMasks, choose_postprocessing, mean_dice
+from ciml.training.tiles import choose_tile, tile_candidates
 
 CPU_DEFAULTS = {"patch_size": (64, 64, 64), "batch_size": 2, "widths": (16, 32, 64, 128)}
 GPU_DEFAULTS = {"patch_size": (128, 128, 128), "batch_size": 2, "widths": (32, 64, 128, 256, 320)}
@@ -64,7 +65,9 @@ class TrainSettings:
     ``workers`` is the number of background loader processes (0: batches are made in the training
     process; None: :func:`~ciml.training.loading.default_workers`). ``deep_supervision`` trains with
     nnU-Net's weighted multi-scale loss (auxiliary decoder heads; off by default, refused by models
-    without it, e.g. segresnet). ``gpu_memory`` is the device memory in GiB to plan widths, patch and
+    without it, e.g. segresnet). ``choose_tile`` scores the final validation with the training patch and
+    twice it and stores the better tile for prediction (:mod:`ciml.training.tiles`; off: prediction uses
+    the training patch, as nnU-Net). ``gpu_memory`` is the device memory in GiB to plan widths, patch and
     batch for (None: the CUDA device's total memory; on a CPU no planning). ``plan`` is set by
     :func:`resolve_settings` when it planned (:mod:`ciml.training.planning`), never by the caller.
     """
@@ -100,6 +103,7 @@ class TrainSettings:
     compile: bool = TrainConfig.compile
     checkpoint_activations: bool = False
     deep_supervision: bool = False
+    choose_tile: bool = True
     resume: bool = False
     tensorboard: bool = False
     progress: bool = True
@@ -491,6 +495,11 @@ def _train_checked(
         tile = settings.validation_patch or settings.patch_size
         return validation_dice(network, val_cases, spec, tile, device, keep=final) if val_cases else {}
 
+    def masks_with(tile: Sequence[int]) -> list[ValidationMasks]:
+        kept: list[ValidationMasks] = []
+        trainer.run_validation(lambda network: validation_dice(network, val_cases, spec, tile, device, kept))
+        return kept
+
     trainer = Trainer(model, config, stream, validate if rank == 0 else None, distributed=world > 1)
     fold_dir = run.fold_dir(settings.fold)
     logger = RunLogger(fold_dir, enabled=rank == 0, tensorboard=settings.tensorboard)
@@ -508,7 +517,7 @@ def _train_checked(
         logger.record_rank_checksums(trainer.parameter_checksums())
         logger.plot()
         if rank == 0:
-            _store_postprocessing(run, settings.fold, trainer, final, len(val_cases), spec, plan)
+            _store_choices(run, settings, trainer, final, val_cases, masks_with, spec, plan)
     finally:
         stream.close()
         logger.close()
@@ -517,27 +526,48 @@ def _train_checked(
     return run
 
 
-def _store_postprocessing(
+def _store_choices(
     run: RunFolder,
-    fold: int,
+    settings: TrainSettings,
     trainer: Trainer,
     final: list[ValidationMasks],
-    val_cases: int,
+    val_cases: Sequence[PreprocessedCase],
+    masks_with: Callable[[Sequence[int]], list[ValidationMasks]],
     spec: TaskSpec,
     plan: PreprocessingPlan,
 ) -> None:
-    """Choose the fold's postprocessing on its final validation and write ``fold_K/postprocessing.json``.
+    """Choose the fold's inference tile, then its postprocessing on that tile's final validation masks.
 
-    A resumed fold that had already finished ran no validation in this process: its file stays (the
-    weights did not change), or, from before files were written, it is validated once more.
+    Writes ``fold_K/tile.json`` (unless ``settings.choose_tile`` is off: prediction then uses the
+    training patch) and ``fold_K/postprocessing.json``. A resumed fold that had already finished ran no
+    validation in this process: its files stay (the weights did not change), or, from before they were
+    written, it is validated once more.
     """
-    path = run.postprocessing_path(fold)
+    fold, patch = settings.fold, tuple(settings.patch_size)
+    wanted = [run.postprocessing_path(fold)] + ([run.tile_path(fold)] if settings.choose_tile else [])
     if val_cases and not final:
-        if path.is_file():
+        if all(path.is_file() for path in wanted):
             return
         trainer.run_validation()  # fills ``final``
-    choice = choose_postprocessing(final, spec, plan.target_spacing)
-    write_json_atomic(path, {**choice.to_dict(), "iteration": trainer.iteration, "checkpoint": "last"})
+    masks = final
+    if settings.choose_tile:
+        validated = tuple(settings.validation_patch or patch)
+        by_tile = {validated: list(final)}
+        if val_cases:
+            shapes = [case.image.shape[1:] for case in val_cases]
+            divisor = trainer.model.size_divisor
+            for tile in tile_candidates(patch, divisor, shapes, extra=[validated]):
+                by_tile.setdefault(tile, masks_with(tile))
+        clean = Postprocessing()
+        dice = {tile: mean_dice(m, spec, clean) for tile, m in by_tile.items()} if val_cases else {}
+        choice = choose_tile(dice, patch, len(val_cases))
+        masks = by_tile.get(choice.tile, final)
+        write_json_atomic(run.tile_path(fold), {**choice.to_dict(), "iteration": trainer.iteration})
+    chosen = choose_postprocessing(masks, spec, plan.target_spacing)
+    write_json_atomic(
+        run.postprocessing_path(fold),
+        {**chosen.to_dict(), "iteration": trainer.iteration, "checkpoint": "last"},
+    )
 
 
 def _load_or_make_plan(run: RunFolder, cases, spec: TaskSpec, settings: TrainSettings) -> PreprocessingPlan:

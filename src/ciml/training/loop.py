@@ -209,12 +209,14 @@ class Trainer:
             self.save(checkpoint)
         return self.history
 
-    def run_validation(self) -> dict[str, float]:
-        if self.validate is None:
+    def run_validation(self, validate: Callable[[nn.Module], Any] | None = None) -> Any:
+        """``validate`` (default: the trainer's own) on the network in eval mode, as validation runs."""
+        validate = validate or self.validate
+        if validate is None:
             return {}
         self.model.eval()
         with torch.no_grad(), self._autocast():
-            return self.validate(self.model)
+            return validate(self.model)
 
     def _due_for_validation(self) -> bool:
         every = self.config.validate_every
