@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ciml.cli.options import add_device, add_progress, finish
+from ciml.cli.options import DefaultsHelpFormatter, add_device, add_progress, finish
 from ciml.errors import CimlError
 from ciml.experiments.brain_demo import BrainDemoConfig, run_brain_demo
 from ciml.models import model_names
@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "tables, overlays, Grad-CAM and information maps) and demo.json. "
             "For the ShapeComposition verification of the method see `ciml shapes`."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument(
         "--out", type=Path, default=Path("demo_out"), help="output folder (must be new or empty)"

@@ -120,6 +120,15 @@ def add_common(
     add_progress(parser)
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except None (the help then says what happens without the option)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def finish(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int]) -> None:
     """Attach the command's function and its parameter -> flag map (read by :func:`ciml.cli.main`)."""
     flags = {

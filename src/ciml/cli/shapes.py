@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ciml.cli.options import add_device, add_overwrite, add_progress, add_task, finish
+from ciml.cli.options import DefaultsHelpFormatter, add_device, add_overwrite, add_progress, add_task, finish
 from ciml.errors import CimlError
 from ciml.experiments.shapecomposition import (
     DEMO_METHODS,
@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "ensemble with the same budget, evaluate on held-out samples and write results.json, "
             "results.md and examples.png to --out. About 5-8 minutes on 2 CPU cores with the defaults."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=Path("shapes_out"), help="output folder")
     add_task(

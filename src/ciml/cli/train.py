@@ -6,7 +6,15 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from ciml.cli.options import add_dataset_arguments, add_device, add_progress, add_task, channel_flags, finish
+from ciml.cli.options import (
+    DefaultsHelpFormatter,
+    add_dataset_arguments,
+    add_device,
+    add_progress,
+    add_task,
+    channel_flags,
+    finish,
+)
 from ciml.data.augmentation import AUGMENTATIONS, parse_selection
 from ciml.inferers import tile_text
 from ciml.models import model_names
@@ -29,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "`torchrun --nproc_per_node=N -m ciml.cli train ...` (same options)."
         ),
         epilog=SEVERAL_JOBS_HELP,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     add_task(parser)
     parser.add_argument(
@@ -61,7 +69,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"patch size (default: task's on GPU, {CPU_DEFAULTS['patch_size']} on CPU)",
     )
     parser.add_argument(
-        "--validation-patch", type=int, nargs=3, help="sliding-window tile for validation (default: --patch)"
+        "--validation-patch",
+        type=int,
+        nargs=3,
+        metavar=("X", "Y", "Z"),
+        help="sliding-window tile for validation (default: --patch); also a candidate for the inference tile",
     )
     parser.add_argument("--batch-size", type=int, help="patches per step (default 2)")
     parser.add_argument(
