@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import ciml.training.engine as engine
 from ciml.cli import main
 from ciml.data.augmentation import DEFAULT_AUGMENTATIONS
 from ciml.errors import CimlError
@@ -177,6 +178,19 @@ def test_without_tile_choice_prediction_keeps_the_training_patch_and_a_resume_ad
     assert main(_train(dataset, out, "--iterations", "2", "--resume")) == 0
     tile = json.loads((fold / "tile.json").read_text(encoding="utf-8"))
     assert tile["iteration"] == 2 and [c["tile"] for c in tile["comparison"]][0] == [16, 16, 16]
+
+
+def test_each_candidate_tile_is_validated_once_at_the_end(dataset, tmp_path, monkeypatch) -> None:
+    tiles: list[tuple[int, ...]] = []
+    original = engine.validation_dice
+
+    def counted(model, cases, spec, patch_size, device, keep=None):
+        tiles.append(tuple(patch_size))
+        return original(model, cases, spec, patch_size, device, keep)
+
+    monkeypatch.setattr(engine, "validation_dice", counted)
+    assert main(_train(dataset, tmp_path / "run", "--iterations", "2", "--validate-every", "2")) == 0
+    assert tiles == [(16, 16, 16), (24, 24, 16)]  # the final validation, then the one other candidate
 
 
 def test_a_fold_being_trained_is_locked(dataset, tmp_path, capsys) -> None:

@@ -557,7 +557,8 @@ def _store_choices(
             shapes = [case.image.shape[1:] for case in val_cases]
             divisor = trainer.model.size_divisor
             for tile in tile_candidates(patch, divisor, shapes, extra=[validated]):
-                by_tile.setdefault(tile, masks_with(tile))
+                if tile not in by_tile:  # the final validation's tile is scored already
+                    by_tile[tile] = masks_with(tile)
         clean = Postprocessing()
         dice = {tile: mean_dice(m, spec, clean) for tile, m in by_tile.items()} if val_cases else {}
         choice = choose_tile(dice, patch, len(val_cases))
