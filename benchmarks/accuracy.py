@@ -76,6 +76,7 @@ import torch
 import speed  # benchmarks/speed.py, beside this script: its environment record
 from ciml.data.layouts import read_dataset
 from ciml.data.preprocessing import plan_preprocessing, preprocess_case
+from ciml.devices import MEMORY_FORMATS
 from ciml.errors import CimlError
 from ciml.evaluation.evaluate import evaluate_folders
 from ciml.evaluation.robustness import (
@@ -185,6 +186,7 @@ class Settings:
     data_seed: int = 0
     bootstrap_samples: int = 2000
     jobs: int = 1  # runs trained at once, each in its own process (wall time only: same numbers)
+    memory_format: str = "auto"  # the layout runs train and predict in (auto: channels_last_3d on a CPU)
     note: str = ""
 
     @property
@@ -224,13 +226,15 @@ class Settings:
             max_validation_cases=self.max_validation_cases,
             modality_dropout=variant.modality_dropout,
             target_spacing=spacing,
+            memory_format=self.memory_format,
         )
 
     def inference(self) -> Any:
         """How every run predicts: its last checkpoint with ``inference_patch`` tiles."""
-        return inference_settings(
+        settings = inference_settings(
             BrainDemoConfig(inference_patch=(self.inference_patch,) * 3, device=self.device)
         )
+        return replace(settings, memory_format=self.memory_format)
 
 
 PRESETS: dict[str, Settings] = {
@@ -612,6 +616,7 @@ def probe_timing(variant: Variant, settings: Settings, case_shape: Sequence[int]
         lr=settings.lr,
         region_names=list(spec.region_names),
         device=settings.device,
+        memory_format=settings.memory_format,
     )
     patch = (settings.batch, len(spec.modality_names), *(settings.patch,) * 3)
     generator = torch.Generator().manual_seed(0)
@@ -1192,6 +1197,8 @@ def environment(device: str) -> dict[str, Any]:
 
 #: Settings a resumed study may change: they decide which runs exist or how fast they go, not their numbers.
 RESUME_FREE = ("seeds", "robustness_models", "jobs", "note")
+#: Settings added after studies were committed, with the value those studies ran with.
+BEFORE_ADDED = {"memory_format": "contiguous"}
 
 
 def check_resumable(previous: dict[str, Any], settings: Settings, path: Path) -> None:
@@ -1200,7 +1207,7 @@ def check_resumable(previous: dict[str, Any], settings: Settings, path: Path) ->
     Raises:
         CimlError: ``path`` was written by other settings (names the fields and both values).
     """
-    stored = previous.get("settings", {})
+    stored = {**BEFORE_ADDED, **previous.get("settings", {})}
     current = {**asdict(settings), "validate_every": settings.validate_every}
     differ = [
         f"{name} {stored.get(name)!r} there, {value!r} now"
@@ -1474,6 +1481,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--test-cases", type=int, default=None, help="override the preset's held-out test phantoms"
     )
     parser.add_argument(
+        "--phantom-spacing",
+        type=float,
+        default=None,
+        metavar="MM",
+        help="override the preset's phantom voxel size in mm (cpu: 3; larger: fewer voxels per case)",
+    )
+    parser.add_argument(
+        "--memory-format",
+        choices=MEMORY_FORMATS,
+        default=None,
+        help="layout runs train and predict in (default auto: channels_last_3d on a CPU)",
+    )
+    parser.add_argument(
         "--jobs",
         type=int,
         default=None,
@@ -1540,6 +1560,10 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, list[str]]:
         overrides["jobs"] = args.jobs
     if args.modality_dropout is not None:
         overrides["modality_dropout"] = args.modality_dropout
+    if args.phantom_spacing is not None:
+        overrides["phantom_spacing_mm"] = args.phantom_spacing
+    if args.memory_format is not None:
+        overrides["memory_format"] = args.memory_format
     return replace(settings, **overrides), models
 
 

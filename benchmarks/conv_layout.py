@@ -9,10 +9,12 @@ tables, measured in one process with 1 torch thread, rounds interleaved so load 
 
 1. one 3x3x3 convolution, forward and backward, grouped (4 groups) against dense, in torch's default
    (contiguous) layout and in ``channels_last_3d``;
-2. a whole training step (forward, backward, AdamW) of the accuracy study's models at 2x4x24^3 in both
-   layouts (model and input converted; the loss is a plain mean, so only the networks are timed).
+2. a whole training step of the accuracy study's models as ``ciml train`` takes it (the Trainer: CIML's
+   loss, AdamW, gradient clipping; no deep supervision) at 2x4x24^3 and 2x4x16^3, with
+   ``memory_format`` contiguous and channels_last (the CPU default since 2026-12-08, with InstanceNorm
+   computed on a contiguous copy, :func:`ciml.models.backbone.instance_norm`).
 
-Only ratios within one run are meant to be compared; nothing here changes how ciml trains.
+Only ratios within one run are meant to be compared.
 """
 
 from __future__ import annotations
@@ -26,9 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from ciml.models import build_model
+from ciml.tasks import load_task
+from ciml.training import Batch, TrainConfig, Trainer
 from threads import cpu_model  # benchmarks/threads.py: one reader of the CPU's name
 
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
+FORMATS = ("contiguous", "channels_last")  # TrainConfig.memory_format
+EDGES = (24, 16)  # the study's training patches
 #: (groups, channels per group, edge): CIML widths 4/8/16 at 24^3 have 4 segmentors of 4, 8, 16 channels.
 CONVS = ((4, 4, 24), (4, 8, 12), (4, 16, 6))
 MODELS = (("joint", (8, 16, 32)), ("ciml-nomsg", (4, 8, 16)), ("ciml", (4, 8, 16)), ("ensemble", (4, 8, 16)))
@@ -56,19 +62,27 @@ def conv_step(groups: int, channels: int, edge: int, dense: bool, layout: torch.
     return step
 
 
-def model_step(name: str, widths: tuple[int, ...], layout: torch.memory_format) -> Callable:
-    """One training step of a registry model at 2x4x24^3 (deep supervision off; plain mean loss)."""
+def model_step(name: str, widths: tuple[int, ...], edge: int, memory_format: str) -> Callable:
+    """One Trainer step of a registry model on a fixed 2x4x``edge``^3 batch in ``memory_format``."""
+    spec = load_task("brats2020")
     torch.manual_seed(0)
-    model = build_model(name, "brats2020", widths, 3).to(memory_format=layout)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randn(2, 4, 24, 24, 24).to(memory_format=layout)
+    model = build_model(name, spec, widths, 3)
+    generator = torch.Generator().manual_seed(0)
+    batch = Batch(
+        torch.randn(2, 4, edge, edge, edge, generator=generator),
+        (torch.rand(2, 3, edge, edge, edge, generator=generator) > 0.9).float(),
+    )
+    config = TrainConfig(
+        iterations=10**6,
+        lr=1e-3,
+        region_names=list(spec.region_names),
+        device="cpu",
+        memory_format=memory_format,
+    )
+    trainer = Trainer(model, config, lambda _: batch)
 
     def step() -> None:
-        out = model(x)
-        loss = sum(v.float().mean() for v in out.logits.values()) + out.kl
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        trainer.step(batch)
 
     return step
 
@@ -107,18 +121,25 @@ def main() -> None:
         print(f"| {g} groups x {c} channels, {e}^3 | " + " | ".join(f"{v:.1f}" for v in row) + " |")
 
     steps = {
-        (name, layout): model_step(name, widths, LAYOUTS[layout])
+        (name, edge, memory_format): model_step(name, widths, edge, memory_format)
         for name, widths in MODELS
-        for layout in LAYOUTS
+        for edge in EDGES
+        for memory_format in FORMATS
     }
     step_ms = measure(steps, args.rounds, args.steps)
-    joint = step_ms["joint", "contiguous"]
-    print("\n| model (widths), step of 2x4x24^3 | contiguous ms | x joint | channels_last_3d ms | ratio |")
-    print("|---|---|---|---|---|")
-    for name, widths in MODELS:
-        plain, last = step_ms[name, "contiguous"], step_ms[name, "channels_last_3d"]
-        label = f"{name} ({'/'.join(map(str, widths))})"
-        print(f"| {label} | {plain:.0f} | {plain / joint:.2f} | {last:.0f} | {last / plain:.2f} |")
+    for edge in EDGES:
+        joint = step_ms["joint", edge, "contiguous"]
+        header = "contiguous ms | x joint | channels_last ms | x joint | ratio"
+        print(f"\n| Trainer step of 2x4x{edge}^3 | {header} |")
+        print("|---|---|---|---|---|---|")
+        joint_last = step_ms["joint", edge, "channels_last"]
+        for name, widths in MODELS:
+            plain, last = step_ms[name, edge, "contiguous"], step_ms[name, edge, "channels_last"]
+            label = f"{name} ({'/'.join(map(str, widths))})"
+            print(
+                f"| {label} | {plain:.0f} | {plain / joint:.2f} | {last:.0f} | {last / joint_last:.2f} "
+                f"| {last / plain:.2f} |"
+            )
 
 
 if __name__ == "__main__":

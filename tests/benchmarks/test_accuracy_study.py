@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -270,6 +272,8 @@ def test_every_model_gets_the_same_recipe_and_the_equal_flops_row_narrower_width
         assert training.iterations == 600 and training.patch_size == (24, 24, 24)
         assert training.augment == "mirror" and training.validate_every == 75
         assert training.target_spacing is None and training.modality_dropout == 0.0  # the phantoms' 3 mm
+        assert training.memory_format == "auto"
+    assert settings.inference().memory_format == "auto"
     assert settings.phantom_spacing_mm == 3.0
     robust = {v.key: v for v in accuracy.robustness_variants(settings)}
     assert set(robust) == {"ciml+dropout", "ensemble+dropout", "joint+dropout"}
@@ -296,9 +300,11 @@ def test_sizes_are_overridden_from_the_command_line_and_bad_ones_refused(
     capsys: pytest.CaptureFixture,
 ) -> None:
     args = ["--setting", "cpu", "--patch", "32", "--widths", "4,8,16", "--inference-patch", "32"]
-    args += ["--validations", "5", "--test-cases", "4", "--iterations", "50"]
+    args += ["--validations", "5", "--test-cases", "4", "--iterations", "50", "--phantom-spacing", "4"]
+    args += ["--memory-format", "contiguous"]
     settings, _ = accuracy.settings_from_args(accuracy.parse_args(args))
     assert (settings.patch, settings.inference_patch, settings.validations) == (32, 32, 5)
+    assert (settings.phantom_spacing_mm, settings.memory_format) == (4.0, "contiguous")
     assert settings.widths == settings.segresnet_widths == (4, 8, 16)
     assert (settings.test_cases, settings.iterations, settings.validate_every) == (4, 50, 10)
     preset = accuracy.PRESETS["cpu"]
@@ -312,3 +318,16 @@ def test_sizes_are_overridden_from_the_command_line_and_bad_ones_refused(
     ):
         assert accuracy.main(["--quick", *bad, "--out", "/nonexistent/x"]) == 1
         assert named in capsys.readouterr().err, bad
+
+
+def test_a_study_from_before_memory_formats_resumes_only_in_the_contiguous_layout(tmp_path: Path) -> None:
+    """Studies committed before the setting existed trained contiguous; resuming them in another layout
+    would mix float roundings in one table."""
+    settings = accuracy.PRESETS["cpu"]
+    stored = {**dataclasses.asdict(settings), "validate_every": settings.validate_every}
+    del stored["memory_format"]
+    previous = json.loads(json.dumps({"settings": stored}))
+    contiguous = dataclasses.replace(settings, memory_format="contiguous")
+    accuracy.check_resumable(previous, contiguous, tmp_path / "results.json")
+    with pytest.raises(accuracy.CimlError, match="memory_format 'contiguous' there, 'auto' now"):
+        accuracy.check_resumable(previous, settings, tmp_path / "results.json")

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
@@ -77,18 +78,33 @@ def deep_supervision_weights(scales: int) -> tuple[float, ...]:
     return tuple(w / total for w in raw)
 
 
-class ConvNormAct(nn.Sequential):
-    """Conv (3x3[x3]) -> InstanceNorm (affine) -> LeakyReLU(0.01), nnU-Net's basic block.
+def instance_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """InstanceNorm (affine) computed as a GroupNorm with one channel per group, on a contiguous input.
 
-    The InstanceNorm is computed as a GroupNorm with one channel per group, the same normalisation
-    (and the same ``weight``/``bias`` parameters): its kernel is about twice as fast on the CPU and its
-    output is not a view, so the activation can work in place without a copy in the backward pass.
+    GroupNorm's kernel is about twice as fast as InstanceNorm's on a CPU, and its output is not a view,
+    so the activation can work in place. In channels_last_3d its backward pass is about 5x slower than
+    in the contiguous layout, far more than the copy costs (benchmarks/results/conv_layout_cpu.md).
     """
+    return F.group_norm(x.contiguous(), x.shape[1], weight=weight, bias=bias, eps=eps)
+
+
+class InstanceNorm(nn.GroupNorm):
+    """:func:`instance_norm` as a module, with GroupNorm's ``weight``/``bias`` parameters."""
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__(channels, channels, eps=eps, affine=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return instance_norm(x, self.weight, self.bias, self.eps)
+
+
+class ConvNormAct(nn.Sequential):
+    """Conv (3x3[x3]) -> InstanceNorm (affine) -> LeakyReLU(0.01), nnU-Net's basic block."""
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__(
             conv(spatial_dims, in_channels, out_channels, kernel_size=3, stride=stride),
-            nn.GroupNorm(out_channels, out_channels, eps=1e-5, affine=True),
+            InstanceNorm(out_channels),
             nn.LeakyReLU(0.01, inplace=True),
         )
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ciml.models.backbone import UNetDecoder, UNetEncoder, maybe_checkpoint
+from ciml.models.backbone import UNetDecoder, UNetEncoder, instance_norm, maybe_checkpoint
 
 CONV_FN = {2: F.conv2d, 3: F.conv3d}
 TRANSPOSED_CONV_FN = {2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -95,7 +95,7 @@ def grouped_conv_norm_act(x: torch.Tensor, blocks: Sequence[nn.Sequential]) -> t
     norms = [block[1] for block in blocks]
     x = grouped_conv(x, [block[0] for block in blocks])
     weight, bias = stacked([n.weight for n in norms]), stacked([n.bias for n in norms])
-    x = F.group_norm(x, x.shape[1], weight=weight, bias=bias, eps=norms[0].eps)  # one channel per group
+    x = instance_norm(x, weight, bias, norms[0].eps)
     return F.leaky_relu(x, blocks[0][2].negative_slope, inplace=True)
 
 

@@ -126,6 +126,11 @@ class SegmentationNetwork(nn.Module):
         return self._config["name"] if self._config else type(self).__name__
 
     @property
+    def spatial_dims(self) -> int:
+        """2 or 3: the rank of the images the network reads (from its config)."""
+        return int(self.config["spatial_dims"])
+
+    @property
     def segmentors(self) -> tuple[str, ...]:
         """Segmentor names, as keys of the network's output logits."""
         return tuple(self.primary_inputs)

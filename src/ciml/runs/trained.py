@@ -91,7 +91,7 @@ def load_trained_run(
         folder.load_model(fold, checkpoint, map_location=torch_device, expected=info["model"])[0]
         for fold in chosen
     )
-    dims = models[0].config["spatial_dims"]
+    dims = models[0].spatial_dims
     if dims != 3:
         raise CimlError(f"{folder.info_path}: a {dims}D model; prediction on volumes needs a 3D run")
     divisor = models[0].size_divisor

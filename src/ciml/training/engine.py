@@ -67,9 +67,11 @@ class TrainSettings:
     nnU-Net's weighted multi-scale loss (auxiliary decoder heads; off by default, refused by models
     without it, e.g. segresnet). ``choose_tile`` scores the final validation with the training patch and
     twice it and stores the better tile for prediction (:mod:`ciml.training.tiles`; off: prediction uses
-    the training patch, as nnU-Net). ``gpu_memory`` is the device memory in GiB to plan widths, patch and
-    batch for (None: the CUDA device's total memory; on a CPU no planning). ``plan`` is set by
-    :func:`resolve_settings` when it planned (:mod:`ciml.training.planning`), never by the caller.
+    the training patch, as nnU-Net). ``memory_format`` is the layout the network trains in (``auto``:
+    channels_last_3d for 3D networks on a CPU, :func:`~ciml.devices.resolve_memory_format`).
+    ``gpu_memory`` is the device memory in GiB to plan widths, patch and batch for (None: the CUDA
+    device's total memory; on a CPU no planning). ``plan`` is set by :func:`resolve_settings` when it
+    planned (:mod:`ciml.training.planning`), never by the caller.
     """
 
     task: str | None
@@ -101,6 +103,7 @@ class TrainSettings:
     max_validation_cases: int | None = None
     amp: bool = TrainConfig.amp
     compile: bool = TrainConfig.compile
+    memory_format: str = TrainConfig.memory_format
     checkpoint_activations: bool = False
     deep_supervision: bool = False
     choose_tile: bool = True
@@ -481,6 +484,7 @@ def _train_checked(
         device=str(device),
         amp=settings.amp,
         compile=settings.compile,
+        memory_format=settings.memory_format,
     )
     stream = BackgroundBatches(
         PatchStream(train_cases, spec, settings, rank, model.missing_modalities),

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ciml.devices import resolve_device
+from ciml.devices import resolve_device, resolve_memory_format
 from ciml.errors import CimlError
 from ciml.losses import DEFAULT_BETA, CIMLLoss
 from ciml.models import SegmentationNetwork
@@ -52,6 +52,7 @@ class TrainConfig:
         device: "auto", "cpu", "cuda" or "cuda:N".
         amp: bf16 autocast on CUDA (ignored on CPU).
         compile: wrap the network in torch.compile.
+        memory_format: "auto", "contiguous" or "channels_last" (:func:`ciml.devices.resolve_memory_format`).
     """
 
     iterations: int = 600
@@ -66,6 +67,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     compile: bool = False
+    memory_format: str = "auto"
 
 
 def poly_lr(iteration: int, total: int, exponent: float = 0.9) -> float:
@@ -123,7 +125,8 @@ class Trainer:
         distributed: bool = False,
     ) -> None:
         self.device = resolve_device(config.device)
-        self.model = model.to(self.device)
+        self.memory_format = resolve_memory_format(config.memory_format, self.device, model.spatial_dims)
+        self.model = model.to(self.device, memory_format=self.memory_format)
         self.config = config
         self.batch_at = batch_at
         self.validate = validate
@@ -162,7 +165,8 @@ class Trainer:
         """One optimizer step; returns the logged loss terms."""
         self.network.train()
         self.optimizer.zero_grad(set_to_none=True)
-        image, target = batch.image.to(self.device), batch.target.to(self.device)
+        image = batch.image.to(self.device, memory_format=self.memory_format)
+        target = batch.target.to(self.device)
         with self._autocast():
             output = (
                 self.network(image) if batch.present is None else self.network(image, present=batch.present)
@@ -249,6 +253,7 @@ class Trainer:
             raise CimlError("the checkpoint was made for another model or task than this run's")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self._lay_out_optimizer_state()
         self.scheduler.load_state_dict(state["scheduler"])
         self.iteration = int(state["iteration"])
         self.best_metric = float(state.get("best_metric", -math.inf))
@@ -256,6 +261,19 @@ class Trainer:
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.history = list(state.get("history", []))
+
+    def _lay_out_optimizer_state(self) -> None:
+        """Give each optimizer state tensor its parameter's strides.
+
+        A fused optimizer reads a parameter and its state element by element in memory order, so a
+        checkpoint written in another memory format (a contiguous run resumed in channels_last) would
+        update the wrong elements without an error.
+        """
+        for parameter, state in self.optimizer.state.items():
+            for key, value in state.items():
+                misplaced = torch.is_tensor(value) and value.shape == parameter.shape
+                if misplaced and value.stride() != parameter.stride():
+                    state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
 
     def resume(self, path: str | Path) -> None:
         self.load_state_dict(load_checkpoint(path, map_location=self.device))
