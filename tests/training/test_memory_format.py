@@ -126,3 +126,24 @@ def test_resumed_optimizer_state_is_laid_out_like_its_parameters(
             if value.shape == parameter.shape and parameter.dim() == 5:
                 assert value.stride() == parameter.stride(), key
                 torch.testing.assert_close(value, kept[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("command", ["train", "predict", "robustness"])
+def test_the_commands_take_a_memory_format_and_refuse_unknown_ones(command: str, capsys) -> None:
+    from ciml.cli import build_parser
+    from ciml.cli.predict import settings_from_args as inference_from_args
+    from ciml.cli.train import settings_from_args as training_from_args
+
+    required = {
+        "train": ["--task", "brats2020", "--data", "d", "--out", "o"],
+        "predict": ["--run", "r", "--input", "i", "--output", "o"],
+        "robustness": ["--run", "r", "--data", "d", "--out", "o"],
+    }[command]
+    parser = build_parser()
+    read = training_from_args if command == "train" else inference_from_args
+    assert read(parser.parse_args([command, *required])).memory_format == "auto"
+    chosen = parser.parse_args([command, *required, "--memory-format", "contiguous"])
+    assert read(chosen).memory_format == "contiguous"
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, *required, "--memory-format", "nhwc"])
+    assert "'auto', 'contiguous', 'channels_last'" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 from ciml.data.layouts import FROM_DATASET, LAYOUTS, ChannelMappingError
+from ciml.devices import MEMORY_FORMATS
 from ciml.errors import CimlError
 
 FLAGS_KEY = "flags"
@@ -85,6 +86,17 @@ def add_device(parser: argparse.ArgumentParser, default: str = "auto") -> None:
         default=default,
         help=f"where to run: auto (CUDA with bf16 autocast when available, else CPU), cpu, cuda or cuda:N "
         f"(default: {default})",
+    )
+
+
+def add_memory_format(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+    """``--memory-format``: the tensor layout networks run in."""
+    parser.add_argument(
+        "--memory-format",
+        choices=MEMORY_FORMATS,
+        default=default,
+        help="tensor layout of the networks: auto is channels_last for 3D networks on a CPU (grouped 3D "
+        "convolutions run several times faster in it) and contiguous on a GPU; only float rounding changes",
     )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from ciml.cli.options import (
     add_dataset_arguments,
     add_device,
+    add_memory_format,
     add_overwrite,
     add_progress,
     channel_flags,
@@ -64,13 +65,22 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
         "changes InstanceNorm's statistics and so the scores, up or down)",
     )
     add_device(parser)
+    add_memory_format(parser)
     add_dataset_arguments(parser, task=False, what="the input cases")
 
 
 def settings_from_args(args: argparse.Namespace) -> InferenceSettings:
     folds = None if args.folds is None else tuple(args.folds)
     patch = tuple(args.patch_size) if args.patch_size else None
-    return InferenceSettings(args.checkpoint, folds, args.tta, args.step, args.device, patch_size=patch)
+    return InferenceSettings(
+        args.checkpoint,
+        folds,
+        args.tta,
+        args.step,
+        args.device,
+        patch_size=patch,
+        memory_format=args.memory_format,
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -10,13 +10,13 @@ from ciml.cli.options import (
     DefaultsHelpFormatter,
     add_dataset_arguments,
     add_device,
+    add_memory_format,
     add_progress,
     add_task,
     channel_flags,
     finish,
 )
 from ciml.data.augmentation import AUGMENTATIONS, parse_selection
-from ciml.devices import MEMORY_FORMATS
 from ciml.inferers import tile_text
 from ciml.models import model_names
 from ciml.threads import SEVERAL_JOBS_HELP
@@ -151,14 +151,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of split, weights and patches")
     parser.add_argument("--no-amp", dest="amp", action="store_false", help="disable bf16 autocast on GPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
-    parser.add_argument(
-        "--memory-format",
-        choices=MEMORY_FORMATS,
-        default=DEFAULTS.memory_format,
-        help="tensor layout of training: auto is channels_last for 3D networks on a CPU (grouped 3D "
-        "convolutions run several times faster in it) and contiguous on a GPU; the layout changes float "
-        "rounding only",
-    )
+    add_memory_format(parser, DEFAULTS.memory_format)
     parser.add_argument(
         "--checkpoint-activations",
         action="store_true",
