@@ -34,7 +34,7 @@ def resolve_memory_format(name: str, device: torch.device, spatial_dims: int) ->
     """The tensor layout a network runs in: ``auto`` -> ``channels_last_3d`` for 3D networks on a CPU.
 
     On a CPU, oneDNN's grouped 3D convolutions (CIML's segmentors run as one) are several times faster
-    in channels_last_3d, and whole training steps take 0.5-0.85 of the time
+    in channels_last_3d, and whole training steps take 0.63-0.84 of the time
     (benchmarks/results/conv_layout_cpu.md). On CUDA ``auto`` keeps the contiguous layout: not measured.
     The layout changes float rounding only, never what is computed.
     """
